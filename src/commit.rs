@@ -1,0 +1,204 @@
+//! The second phase of the commit: temporary names become final names, the commit record is
+//! written, and only then sources are removed.
+//!
+//! Everything here runs after rank 0 durably recorded the decision (every unit of the plan is
+//! durable under a temporary name). Each rank finalises the entries it owns ([`Plan::owner`]):
+//! a file gets its mode and times, is fsynced and renamed over its final name, and the directory
+//! is fsynced; a symlink is made under a temporary name and renamed likewise. Then each rank
+//! checks with a stat that each of its final names has its planned size (or target), so a file
+//! replaced behind ferry's back is reported as `integrity` and never committed. Directories get
+//! their modes and times deepest first, once their contents are in place. The commit record,
+//! with the manifest, is written by rank 0 alone. Removal of sources happens only after it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs;
+use std::io;
+use std::path::PathBuf;
+
+use crate::error::{Error, IoContext, Result};
+use crate::failpoints;
+use crate::fsio;
+use crate::manifest::{self, CommitRecord};
+use crate::plan::{Kind, Plan};
+use crate::state::{self, names, TransferDir};
+
+/// Entries of `kind` that rank `me` of `n` owns, in plan order.
+fn owned(plan: &Plan, me: usize, n: usize, kind: Kind) -> impl Iterator<Item = usize> + '_ {
+    (0..plan.entries.len())
+        .filter(move |&e| plan.entries[e].kind == kind && plan.owner(e, n) == me)
+}
+
+/// Rename the temporary files and symlinks this rank owns to their final names.
+pub fn finalize_entries(plan: &Plan, me: usize, n: usize) -> Result<()> {
+    let mut dirs = BTreeSet::new();
+    for e in owned(plan, me, n, Kind::File) {
+        let ent = &plan.entries[e];
+        let tmp = crate::engine::temp_path(plan, e);
+        match fs::symlink_metadata(&tmp) {
+            Ok(md) if md.is_file() => {
+                fsio::finish_file(&tmp, ent.mode, ent.mtime, ent.atime)?;
+                failpoints::io("commit::file_finished", &tmp)?;
+                fsio::rename(&tmp, &ent.dst)?;
+                failpoints::io("commit::renamed", &ent.dst)?;
+                dirs.insert(fsio::parent_of(&ent.dst).to_path_buf());
+            }
+            Ok(_) => {
+                return Err(Error::integrity(&tmp, "temporary name is not a regular file"))
+            }
+            // Renamed by an earlier run after the decision; check_finals looks at it.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("stat", &tmp, e)),
+        }
+    }
+    for e in owned(plan, me, n, Kind::Symlink) {
+        let ent = &plan.entries[e];
+        let target = ent.target.as_ref().ok_or_else(|| {
+            Error::internal("symlink without a target in the plan").with_path(&ent.src)
+        })?;
+        if fs::read_link(&ent.dst).ok().as_ref() == Some(target) {
+            continue;
+        }
+        let tmp = crate::engine::temp_path(plan, e);
+        fsio::remove_file(&tmp)?;
+        std::os::unix::fs::symlink(target, &tmp).ctx("symlink", &tmp)?;
+        fsio::set_times_nofollow(&tmp, ent.mtime, ent.atime)?;
+        fsio::rename(&tmp, &ent.dst)?;
+        dirs.insert(fsio::parent_of(&ent.dst).to_path_buf());
+    }
+    for d in &dirs {
+        fsio::fsync_dir(d)?;
+    }
+    failpoints::hit("commit::dirs_synced")
+}
+
+/// Check with a stat that every final name this rank owns holds what the plan says.
+pub fn check_finals(plan: &Plan, me: usize, n: usize) -> Result<()> {
+    for e in owned(plan, me, n, Kind::File) {
+        let ent = &plan.entries[e];
+        let md = fs::symlink_metadata(&ent.dst).ctx("stat", &ent.dst)?;
+        if !md.is_file() || md.len() != ent.size {
+            return Err(Error::integrity(
+                &ent.dst,
+                format!(
+                    "final file is not what was copied (a {} of {} bytes, planned a file of {}); \
+                     it was changed behind ferry's back — resume redoes it",
+                    if md.is_file() { "file" } else { "non-file" },
+                    md.len(),
+                    ent.size
+                ),
+            )
+            .with_op("commit-check"));
+        }
+    }
+    for e in owned(plan, me, n, Kind::Symlink) {
+        let ent = &plan.entries[e];
+        let t = fs::read_link(&ent.dst).ctx("readlink", &ent.dst)?;
+        if Some(&t) != ent.target.as_ref() {
+            return Err(Error::integrity(&ent.dst, "final symlink has another target")
+                .with_op("commit-check"));
+        }
+    }
+    Ok(())
+}
+
+/// Give the directories this rank owns their modes and times, deepest first, and make that
+/// durable.
+pub fn finish_dirs(plan: &Plan, me: usize, n: usize) -> Result<()> {
+    let mine: Vec<usize> = owned(plan, me, n, Kind::Dir).collect();
+    for &e in mine.iter().rev() {
+        let ent = &plan.entries[e];
+        fsio::set_mode_and_times(&ent.dst, Some(ent.mode), ent.mtime, ent.atime)?;
+        fsio::fsync_dir(&ent.dst)?;
+    }
+    Ok(())
+}
+
+/// Rank 0: write the commit record with the manifest (atomically, durably).
+pub fn write_commit(
+    td: &TransferDir,
+    plan: &Plan,
+    crcs: &HashMap<u32, u32>,
+    attempt: u32,
+    ranks: usize,
+) -> Result<CommitRecord> {
+    let m = manifest::build(plan, crcs)?;
+    let rec = CommitRecord {
+        id: plan.id.clone(),
+        time: state::now(),
+        attempt,
+        ranks,
+        manifest: m,
+    };
+    failpoints::hit("commit::before_record")?;
+    state::write_record(&td.file(names::COMMIT), "commit", &rec)?;
+    failpoints::hit("commit::record_written")?;
+    Ok(rec)
+}
+
+/// Remove the source files and symlinks this rank owns (after the commit is durable).
+pub fn delete_source_files(plan: &Plan, me: usize, n: usize) -> Result<()> {
+    let mut dirs = BTreeSet::new();
+    for kind in [Kind::File, Kind::Symlink] {
+        for e in owned(plan, me, n, kind) {
+            let src = &plan.entries[e].src;
+            failpoints::io("delete::source", src)?;
+            if fsio::remove_file(src)? {
+                dirs.insert(fsio::parent_of(src).to_path_buf());
+            }
+        }
+    }
+    for d in dirs {
+        match fsio::fsync_dir(&d) {
+            Err(e) if e.class == crate::ErrorClass::NotFound => {}
+            r => r?,
+        }
+    }
+    Ok(())
+}
+
+/// Remove the source directories this rank owns, deepest first. A directory that still holds
+/// something not in the plan is kept and returned.
+pub fn delete_source_dirs(plan: &Plan, me: usize, n: usize) -> Result<Vec<PathBuf>> {
+    let mut kept = Vec::new();
+    let mine: Vec<usize> = owned(plan, me, n, Kind::Dir).collect();
+    for &e in mine.iter().rev() {
+        let src = &plan.entries[e].src;
+        match fs::remove_dir(src) {
+            Ok(()) => match fsio::fsync_dir(fsio::parent_of(src)) {
+                Err(e) if e.class == crate::ErrorClass::NotFound => {}
+                r => r?,
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+                log::warn!(
+                    "kept source directory '{}': it holds files that were not part of the transfer",
+                    src.display()
+                );
+                kept.push(src.clone());
+            }
+            Err(e) => return Err(Error::io("rmdir", src, e)),
+        }
+    }
+    Ok(kept)
+}
+
+/// Remove the temporary files of the entries this rank owns (cancel). Returns how many.
+pub fn remove_temps(plan: &Plan, me: usize, n: usize) -> Result<usize> {
+    let mut count = 0;
+    let mut dirs = BTreeSet::new();
+    for e in 0..plan.entries.len() {
+        if plan.entries[e].kind == Kind::Dir || plan.owner(e, n) != me {
+            continue;
+        }
+        let tmp = crate::engine::temp_path(plan, e);
+        if fsio::remove_file(&tmp)? {
+            count += 1;
+            dirs.insert(fsio::parent_of(&tmp).to_path_buf());
+        }
+    }
+    for d in dirs {
+        fsio::fsync_dir(&d)?;
+    }
+    failpoints::hit("cancel::temps_removed")?;
+    Ok(count)
+}

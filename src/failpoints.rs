@@ -1,0 +1,184 @@
+//! Named failpoints (`phase::step`) that crash tests trip to kill or fail ferry at an exact line.
+//!
+//! Compiled in only with the cargo feature `failpoints`; without it every call is an empty inline
+//! function. Activated through the environment so they reach every rank under a launcher:
+//!
+//! ```text
+//! FERRY_FAILPOINTS="copy::unit_synced=exit@1#3;commit::decision_written=panic"
+//! ```
+//!
+//! Each item is `name=action[@rank][#nth]`: `action` is `exit` (leave the process at once without
+//! unwinding or flushing, what SIGKILL does), `panic`, `error(ERRNO)` with ERRNO one of `EIO`,
+//! `ENOSPC`, `EACCES`, or `pause` (create `$FERRY_FAILPOINTS_GATE.paused`, then wait until the
+//! file `$FERRY_FAILPOINTS_GATE` exists, and remove it: tests use it to look at, or tamper with, a run at an
+//! exact point); `@rank` limits it to one rank; `#nth` fires on the nth hit on that rank
+//! (default: the first). `FERRY_FAILPOINTS_LIST=1` prints every point as it is passed, so tests
+//! can see which points a run goes through.
+//!
+//! This module only decides whether to fire; it must not change behaviour when nothing is set.
+
+use std::path::Path;
+
+use crate::error::Result;
+
+/// The exit code of the `exit` action (distinct from every ferry exit code).
+pub const EXIT_CODE: i32 = 99;
+
+/// Pass a failpoint that is not tied to a path.
+#[inline]
+pub fn hit(name: &str) -> Result<()> {
+    imp::hit(name, None)
+}
+
+/// Pass a failpoint in front of an I/O operation on `path`.
+#[inline]
+pub fn io(name: &str, path: &Path) -> Result<()> {
+    imp::hit(name, Some(path))
+}
+
+#[cfg(not(feature = "failpoints"))]
+mod imp {
+    use super::*;
+
+    #[inline(always)]
+    pub fn hit(_name: &str, _path: Option<&Path>) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(feature = "failpoints")]
+mod imp {
+    use super::*;
+    use crate::error::Error;
+    use std::collections::HashMap;
+    use std::io;
+    use std::sync::{Mutex, OnceLock};
+
+    #[derive(Debug)]
+    enum Action {
+        Pause,
+        Exit,
+        Panic,
+        Error(i32),
+    }
+
+    #[derive(Debug)]
+    struct Point {
+        name: String,
+        action: Action,
+        rank: Option<usize>,
+        nth: u64,
+    }
+
+    fn parse(spec: &str) -> Vec<Point> {
+        spec.split(';')
+            .filter(|s| !s.trim().is_empty())
+            .filter_map(|item| {
+                let (name, rest) = item.trim().split_once('=')?;
+                let (rest, nth) = match rest.split_once('#') {
+                    Some((r, n)) => (r, n.parse().ok()?),
+                    None => (rest, 1),
+                };
+                let (act, rank) = match rest.split_once('@') {
+                    Some((a, r)) => (a, Some(r.parse().ok()?)),
+                    None => (rest, None),
+                };
+                let action = match act {
+                    "exit" => Action::Exit,
+                    "pause" => Action::Pause,
+                    "panic" => Action::Panic,
+                    "error(EIO)" | "error" => Action::Error(libc::EIO),
+                    "error(ENOSPC)" => Action::Error(libc::ENOSPC),
+                    "error(EACCES)" => Action::Error(libc::EACCES),
+                    _ => return None,
+                };
+                Some(Point {
+                    name: name.to_string(),
+                    action,
+                    rank,
+                    nth,
+                })
+            })
+            .collect()
+    }
+
+    struct Registry {
+        points: Vec<Point>,
+        list: bool,
+        hits: Mutex<HashMap<(String, usize), u64>>,
+    }
+
+    fn registry() -> &'static Registry {
+        static R: OnceLock<Registry> = OnceLock::new();
+        R.get_or_init(|| Registry {
+            points: parse(&std::env::var("FERRY_FAILPOINTS").unwrap_or_default()),
+            list: std::env::var_os("FERRY_FAILPOINTS_LIST").is_some(),
+            hits: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn hit(name: &str, path: Option<&Path>) -> Result<()> {
+        let reg = registry();
+        let rank = crate::comm::thread_rank().0;
+        if reg.list {
+            eprintln!("failpoint {name} r{rank}");
+        }
+        let Some(p) = reg
+            .points
+            .iter()
+            .find(|p| p.name == name && p.rank.is_none_or(|r| r == rank))
+        else {
+            return Ok(());
+        };
+        let n = {
+            let mut hits = reg.hits.lock().unwrap_or_else(|e| e.into_inner());
+            let c = hits.entry((name.to_string(), rank)).or_insert(0);
+            *c += 1;
+            *c
+        };
+        if n != p.nth {
+            return Ok(());
+        }
+        match p.action {
+            Action::Pause => {
+                let gate = std::env::var_os("FERRY_FAILPOINTS_GATE")
+                    .map(std::path::PathBuf::from)
+                    .unwrap_or_else(|| std::path::PathBuf::from("ferry-gate"));
+                let mut paused = gate.clone().into_os_string();
+                paused.push(".paused");
+                let _ = std::fs::write(&paused, format!("{name} r{rank}"));
+                while !gate.exists() {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                // Ready for the next pause.
+                let _ = std::fs::remove_file(&gate);
+                Ok(())
+            }
+            Action::Exit => {
+                eprintln!("failpoint {name}: exit on rank {rank}, hit {n}");
+                // SAFETY: _exit ends the process at once; nothing is flushed, as with SIGKILL.
+                unsafe { libc::_exit(EXIT_CODE) }
+            }
+            Action::Panic => panic!("failpoint {name}: panic on rank {rank}, hit {n}"),
+            Action::Error(errno) => {
+                let p = path.unwrap_or(Path::new(name));
+                Err(Error::io(name, p, io::Error::from_raw_os_error(errno)))
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn specs_parse() {
+            let p = parse("a::b=exit@1#3; c::d=error(ENOSPC);bad;e=panic");
+            assert_eq!(p.len(), 3);
+            assert_eq!(p[0].rank, Some(1));
+            assert_eq!(p[0].nth, 3);
+            assert!(matches!(p[1].action, Action::Error(libc::ENOSPC)));
+            assert!(matches!(p[2].action, Action::Panic));
+        }
+    }
+}

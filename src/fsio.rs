@@ -1,0 +1,298 @@
+//! Durability: the only module that calls `fsync`, `fdatasync`, `rename` or makes a file's
+//! existence durable.
+//!
+//! The recipe for everything ferry must not lose is the classic one: write under a temporary name,
+//! fsync the data, rename to the final name, fsync the parent directory. This module offers that
+//! recipe ([`write_atomic`]) and its pieces ([`sync_data`], [`rename`], [`fsync_dir`]) to the
+//! engine, the journal and the commit; no other module may rename or sync. A failed fsync is
+//! returned as an error and never retried: the caller stops and resume redoes the work.
+//! Nothing here runs in `Drop`.
+
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::{IoContext, Result};
+use crate::failpoints;
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Make a file's data (and its size) durable.
+pub fn sync_data(f: &File, path: &Path) -> Result<()> {
+    failpoints::io("fsio::sync_data", path)?;
+    f.sync_data().ctx("fsync", path)
+}
+
+/// Make a file's data and metadata (mode, times) durable.
+pub fn sync_all(f: &File, path: &Path) -> Result<()> {
+    failpoints::io("fsio::sync_all", path)?;
+    f.sync_all().ctx("fsync", path)
+}
+
+/// Make a directory's entries durable (new names, renames, removals inside it).
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    failpoints::io("fsio::fsync_dir", dir)?;
+    let d = File::open(dir).ctx("open-dir", dir)?;
+    d.sync_all().ctx("fsync-dir", dir)
+}
+
+/// Rename `from` to `to` (atomic on POSIX). The caller fsyncs the parent directory, in a batch.
+pub fn rename(from: &Path, to: &Path) -> Result<()> {
+    failpoints::io("fsio::rename", to)?;
+    fs::rename(from, to).ctx("rename", to)
+}
+
+/// Write `bytes` to `path` atomically and durably: after this returns the file holds exactly
+/// `bytes` and survives a crash; before, it holds its old content (or does not exist).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = sibling_tmp(path);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .ctx("create", &tmp)?;
+    let res = (|| {
+        f.write_all(bytes).ctx("write", &tmp)?;
+        sync_all(&f, &tmp)?;
+        rename(&tmp, path)?;
+        fsync_dir(parent_of(path))
+    })();
+    if res.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    res
+}
+
+/// A temporary name beside `path`, unique within this process.
+fn sibling_tmp(path: &Path) -> PathBuf {
+    let mut name: OsString = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(
+        ".tmp-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    path.with_file_name(name)
+}
+
+/// The directory holding `path` (`.` for a bare name).
+pub fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Remove leftovers of interrupted [`write_atomic`] calls in `dir` (names `*.tmp-<pid>-<n>`).
+pub fn clean_atomic_leftovers(dir: &Path) -> Result<usize> {
+    let mut n = 0;
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e).ctx("read-dir", dir),
+    };
+    for ent in rd {
+        let ent = ent.ctx("read-dir", dir)?;
+        let name = ent.file_name().into_vec();
+        if is_atomic_tmp_name(&name) {
+            remove_file(&ent.path())?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+fn is_atomic_tmp_name(name: &[u8]) -> bool {
+    let s = String::from_utf8_lossy(name);
+    match s.rfind(".tmp-") {
+        Some(at) => {
+            let tail = &s[at + 5..];
+            let mut parts = tail.split('-');
+            matches!((parts.next(), parts.next(), parts.next()),
+                (Some(a), Some(b), None) if !a.is_empty() && !b.is_empty()
+                    && a.bytes().all(|c| c.is_ascii_digit())
+                    && b.bytes().all(|c| c.is_ascii_digit()))
+        }
+        None => false,
+    }
+}
+
+/// Create `dir` and any missing ancestors, making each new directory entry durable (the parent of
+/// every directory created is fsynced). Returns the directories that were created.
+pub fn create_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut missing = Vec::new();
+    let mut cur = Some(dir);
+    while let Some(d) = cur {
+        if d.as_os_str().is_empty() {
+            break;
+        }
+        match fs::symlink_metadata(d) {
+            Ok(m) if m.is_dir() => break,
+            Ok(m) if m.file_type().is_symlink() => match fs::metadata(d) {
+                Ok(t) if t.is_dir() => break,
+                _ => {
+                    return Err(io::Error::from_raw_os_error(libc::ENOTDIR)).ctx("mkdir", d);
+                }
+            },
+            Ok(_) => return Err(io::Error::from_raw_os_error(libc::ENOTDIR)).ctx("mkdir", d),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                missing.push(d.to_path_buf());
+                cur = d.parent();
+            }
+            Err(e) => return Err(e).ctx("stat", d),
+        }
+    }
+    let mut created = Vec::new();
+    for d in missing.into_iter().rev() {
+        match fs::create_dir(&d) {
+            Ok(()) => {
+                fsync_dir(parent_of(&d))?;
+                created.push(d);
+            }
+            // Another rank made it first; it made it durable too.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).ctx("mkdir", &d),
+        }
+    }
+    Ok(created)
+}
+
+/// Open (creating if needed, mode 0600, never following a symlink, never truncating) the
+/// temporary file that receives a file's units. Returns the file and whether this call created it
+/// (then its directory entry is not yet durable: fsync the parent before trusting it).
+pub fn open_temp(path: &Path) -> Result<(File, bool)> {
+    let mut o = OpenOptions::new();
+    o.write(true).mode(0o600).custom_flags(libc::O_NOFOLLOW);
+    match o.clone().create_new(true).open(path) {
+        Ok(f) => Ok((f, true)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            let f = o.open(path).ctx("open", path)?;
+            Ok((f, false))
+        }
+        Err(e) => Err(e).ctx("create", path),
+    }
+}
+
+/// Remove a file or symlink; a missing one is not an error. Returns whether something was removed.
+/// The caller fsyncs the parent directory when the removal must be durable.
+pub fn remove_file(path: &Path) -> Result<bool> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).ctx("unlink", path),
+    }
+}
+
+/// Apply a mode and times to a file or directory by path (not following a final symlink for
+/// times). Durability comes from the caller's [`sync_all`] / [`fsync_dir`].
+pub fn set_mode_and_times(path: &Path, mode: Option<u32>, mtime: (i64, u32), atime: (i64, u32)) -> Result<()> {
+    if let Some(mode) = mode {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o7777)).ctx("chmod", path)?;
+    }
+    set_times_nofollow(path, mtime, atime)
+}
+
+/// Give a finished temporary file its final mode and times and make them durable (just before
+/// its rename). Never follows a symlink.
+pub fn finish_file(tmp: &Path, mode: u32, mtime: (i64, u32), atime: (i64, u32)) -> Result<()> {
+    let f = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(tmp)
+        .ctx("open", tmp)?;
+    f.set_permissions(fs::Permissions::from_mode(mode & 0o7777))
+        .ctx("chmod", tmp)?;
+    let times = fs::FileTimes::new()
+        .set_modified(system_time(mtime))
+        .set_accessed(system_time(atime));
+    f.set_times(times).ctx("utimes", tmp)?;
+    sync_all(&f, tmp)
+}
+
+/// (seconds, nanoseconds) since the epoch as a `SystemTime` (before the epoch too).
+pub fn system_time(t: (i64, u32)) -> std::time::SystemTime {
+    use std::time::{Duration, UNIX_EPOCH};
+    if t.0 >= 0 {
+        UNIX_EPOCH + Duration::new(t.0 as u64, t.1)
+    } else {
+        UNIX_EPOCH - Duration::new(t.0.unsigned_abs(), 0) + Duration::new(0, t.1)
+    }
+}
+
+/// Set the times of `path` itself (a symlink's own times, not its target's).
+pub fn set_times_nofollow(path: &Path, mtime: (i64, u32), atime: (i64, u32)) -> Result<()> {
+    use rustix::fs::{AtFlags, Timespec, Timestamps, CWD};
+    let ts = Timestamps {
+        last_access: Timespec {
+            tv_sec: atime.0,
+            tv_nsec: atime.1 as _,
+        },
+        last_modification: Timespec {
+            tv_sec: mtime.0,
+            tv_nsec: mtime.1 as _,
+        },
+    };
+    rustix::fs::utimensat(CWD, path, &ts, AtFlags::SYMLINK_NOFOLLOW)
+        .map_err(io::Error::from)
+        .ctx("utimes", path)
+}
+
+/// Ask the kernel to drop cached pages of `f` so a re-read comes from the device.
+pub fn drop_cache(f: &File) {
+    let _ = rustix::fs::fadvise(f, 0, None, rustix::fs::Advice::DontNeed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_atomic_replaces_whole_and_leaves_no_tmp() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("rec");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two two").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two two");
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn leftovers_of_atomic_writes_are_recognised() {
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join("commit.tmp-123-4"), b"x").unwrap();
+        fs::write(d.path().join("data.tmp-x"), b"keep").unwrap();
+        fs::write(d.path().join("plan"), b"keep").unwrap();
+        assert_eq!(clean_atomic_leftovers(d.path()).unwrap(), 1);
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn create_dirs_reports_what_it_made() {
+        let d = tempfile::tempdir().unwrap();
+        let deep = d.path().join("a/b/c");
+        let made = create_dirs(&deep).unwrap();
+        assert_eq!(made.len(), 3);
+        assert!(create_dirs(&deep).unwrap().is_empty());
+        fs::write(d.path().join("f"), b"").unwrap();
+        let err = create_dirs(&d.path().join("f/g")).unwrap_err();
+        assert_eq!(err.class, crate::ErrorClass::Usage);
+    }
+
+    #[test]
+    fn open_temp_is_private_and_not_truncating() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t");
+        let (mut f, created) = open_temp(&p).unwrap();
+        assert!(created);
+        f.write_all(b"abc").unwrap();
+        let (_, created) = open_temp(&p).unwrap();
+        assert!(!created);
+        assert_eq!(fs::read(&p).unwrap(), b"abc");
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+}

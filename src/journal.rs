@@ -1,0 +1,284 @@
+//! Per-rank journals: the durable memory of which units are finished.
+//!
+//! Each rank of each attempt appends to its own file `journal.a{attempt}.r{rank}`; no file is ever
+//! appended to by two runs, so a torn tail left by a crash is simply the end of that file. The
+//! file starts with a 32-byte header (magic, version, rank, attempt, the CRC of the plan it
+//! belongs to, its own CRC) written atomically; then fixed 32-byte records, each with its own
+//! CRC32. A record says "unit U (LEN bytes, data CRC C) is durable under its temporary name": it
+//! is written only after the unit's data was fsynced and the temporary file's directory entry was
+//! made durable, and records are fsynced in batches. Reading keeps every record that checks out
+//! and discards the rest (their units are redone); a header that does not check out is an
+//! `integrity` error naming the file, never a silent fresh start.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, IoContext, Result};
+use crate::failpoints;
+use crate::fsio;
+use crate::plan::Plan;
+use crate::state::TransferDir;
+
+/// Bytes in the header and in each record.
+pub const RECORD_SIZE: usize = 32;
+const MAGIC: &[u8; 8] = b"FERRYJNL";
+const VERSION: u32 = 1;
+const KIND_UNIT: u8 = 1;
+/// Records buffered before a flush.
+const BATCH: usize = 64;
+/// Longest time a finished unit waits in the buffer.
+const BATCH_TIME: Duration = Duration::from_millis(200);
+
+/// "This unit is durable under its temporary name."
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnitDone {
+    /// Index of the unit in the plan.
+    pub unit: u32,
+    /// Its length.
+    pub len: u64,
+    /// CRC32 of its bytes.
+    pub crc: u32,
+}
+
+impl UnitDone {
+    /// The 32-byte record.
+    pub fn encode(&self) -> [u8; RECORD_SIZE] {
+        let mut b = [0u8; RECORD_SIZE];
+        b[0] = 0xFE;
+        b[1] = KIND_UNIT;
+        b[4..8].copy_from_slice(&self.unit.to_le_bytes());
+        b[8..16].copy_from_slice(&self.len.to_le_bytes());
+        b[16..20].copy_from_slice(&self.crc.to_le_bytes());
+        let c = crc32fast::hash(&b[..28]);
+        b[28..32].copy_from_slice(&c.to_le_bytes());
+        b
+    }
+
+    /// Decode a record; `None` if it does not check out.
+    pub fn decode(b: &[u8]) -> Option<UnitDone> {
+        if b.len() != RECORD_SIZE || b[0] != 0xFE || b[1] != KIND_UNIT {
+            return None;
+        }
+        let c = u32::from_le_bytes(b[28..32].try_into().ok()?);
+        if crc32fast::hash(&b[..28]) != c {
+            return None;
+        }
+        Some(UnitDone {
+            unit: u32::from_le_bytes(b[4..8].try_into().ok()?),
+            len: u64::from_le_bytes(b[8..16].try_into().ok()?),
+            crc: u32::from_le_bytes(b[16..20].try_into().ok()?),
+        })
+    }
+}
+
+fn header(rank: u32, attempt: u32, plan_crc: u32) -> [u8; RECORD_SIZE] {
+    let mut b = [0u8; RECORD_SIZE];
+    b[..8].copy_from_slice(MAGIC);
+    b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    b[12..16].copy_from_slice(&rank.to_le_bytes());
+    b[16..20].copy_from_slice(&attempt.to_le_bytes());
+    b[20..24].copy_from_slice(&plan_crc.to_le_bytes());
+    let c = crc32fast::hash(&b[..28]);
+    b[28..32].copy_from_slice(&c.to_le_bytes());
+    b
+}
+
+struct Inner {
+    file: File,
+    pending: Vec<u8>,
+    dirs: BTreeSet<PathBuf>,
+    oldest: Option<Instant>,
+    failed: Option<Error>,
+}
+
+/// One rank's journal for one attempt. Shared by the rank's copy threads.
+pub struct Journal {
+    path: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+impl Journal {
+    /// Create the journal (its header is durable when this returns).
+    pub fn create(td: &TransferDir, attempt: u32, rank: usize, plan_crc: u32) -> Result<Journal> {
+        let path = td.journal(attempt, rank);
+        fsio::write_atomic(&path, &header(rank as u32, attempt, plan_crc))?;
+        let file = OpenOptions::new()
+            .append(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .ctx("open", &path)?;
+        Ok(Journal {
+            path,
+            inner: Mutex::new(Inner {
+                file,
+                pending: Vec::new(),
+                dirs: BTreeSet::new(),
+                oldest: None,
+                failed: None,
+            }),
+        })
+    }
+
+    /// Record a finished unit. `new_dir` is the directory of a temporary file this unit created:
+    /// it is fsynced before the record is written. Flushes when the batch is full or old.
+    pub fn record(&self, rec: UnitDone, new_dir: Option<&Path>) -> Result<()> {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.pending.extend_from_slice(&rec.encode());
+        if let Some(d) = new_dir {
+            g.dirs.insert(d.to_path_buf());
+        }
+        let oldest = *g.oldest.get_or_insert_with(Instant::now);
+        if g.pending.len() >= BATCH * RECORD_SIZE || oldest.elapsed() >= BATCH_TIME {
+            self.flush_locked(&mut g)?;
+        }
+        Ok(())
+    }
+
+    /// Make every recorded unit durable in the journal.
+    pub fn flush(&self) -> Result<()> {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        self.flush_locked(&mut g)
+    }
+
+    fn flush_locked(&self, g: &mut Inner) -> Result<()> {
+        if let Some(e) = &g.failed {
+            // A failed write or fsync is never retried and trusted.
+            return Err(e.clone());
+        }
+        if g.pending.is_empty() {
+            return Ok(());
+        }
+        let res = (|| {
+            for d in std::mem::take(&mut g.dirs) {
+                fsio::fsync_dir(&d)?;
+            }
+            failpoints::io("journal::append", &self.path)?;
+            g.file.write_all(&g.pending).ctx("write", &self.path)?;
+            failpoints::io("journal::written", &self.path)?;
+            fsio::sync_data(&g.file, &self.path)?;
+            failpoints::hit("journal::synced")
+        })();
+        match res {
+            Ok(()) => {
+                g.pending.clear();
+                g.oldest = None;
+                Ok(())
+            }
+            Err(e) => {
+                g.failed = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+}
+
+/// What the journals say.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// Units recorded as durable, by unit index.
+    pub units: HashMap<u32, UnitDone>,
+    /// Records discarded as torn, corrupt or not matching the plan.
+    pub discarded: usize,
+    /// Journal files read.
+    pub files: usize,
+    /// The highest attempt number seen.
+    pub last_attempt: u32,
+}
+
+/// Read every journal of the transfer against its plan.
+pub fn scan(td: &TransferDir, plan: &Plan, plan_crc: u32) -> Result<Scan> {
+    let mut out = Scan::default();
+    for (attempt, path) in td.journals()? {
+        let bytes = std::fs::read(&path).ctx("read", &path)?;
+        check_header(&bytes, &path, plan_crc)?;
+        out.files += 1;
+        out.last_attempt = out.last_attempt.max(attempt);
+        let body = &bytes[RECORD_SIZE..];
+        let whole = body.len() / RECORD_SIZE;
+        if body.len() % RECORD_SIZE != 0 {
+            out.discarded += 1; // a torn tail
+        }
+        for i in 0..whole {
+            let chunk = &body[i * RECORD_SIZE..(i + 1) * RECORD_SIZE];
+            match UnitDone::decode(chunk) {
+                Some(r)
+                    if (r.unit as usize) < plan.units.len()
+                        && plan.units[r.unit as usize].len == r.len =>
+                {
+                    out.units.insert(r.unit, r);
+                }
+                _ => out.discarded += 1,
+            }
+        }
+    }
+    if out.discarded > 0 {
+        log::warn!(
+            "journals of {}: {} torn or corrupt record(s) discarded; their units are redone",
+            td.id,
+            out.discarded
+        );
+    }
+    Ok(out)
+}
+
+fn check_header(bytes: &[u8], path: &Path, plan_crc: u32) -> Result<()> {
+    let bad = |why: &str| {
+        Error::integrity(path, format!("journal header is unreadable ({why})")).with_op("read-state")
+    };
+    if bytes.len() < RECORD_SIZE {
+        return Err(bad("file too short"));
+    }
+    let h = &bytes[..RECORD_SIZE];
+    if &h[..8] != MAGIC {
+        return Err(bad("not a ferry journal"));
+    }
+    let crc = u32::from_le_bytes([h[28], h[29], h[30], h[31]]);
+    if crc32fast::hash(&h[..28]) != crc {
+        return Err(bad("checksum mismatch"));
+    }
+    if u32::from_le_bytes([h[8], h[9], h[10], h[11]]) != VERSION {
+        return Err(bad("unknown version"));
+    }
+    if u32::from_le_bytes([h[20], h[21], h[22], h[23]]) != plan_crc {
+        return Err(bad("it belongs to a different plan"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_detect_flips() {
+        let r = UnitDone {
+            unit: 7,
+            len: 1 << 33,
+            crc: 0xdeadbeef,
+        };
+        let b = r.encode();
+        assert_eq!(UnitDone::decode(&b), Some(r));
+        for i in 0..RECORD_SIZE {
+            let mut c = b;
+            c[i] ^= 0x04;
+            assert_eq!(UnitDone::decode(&c), None, "flip at byte {i}");
+        }
+        assert_eq!(UnitDone::decode(&b[..31]), None);
+    }
+
+    #[test]
+    fn headers_bind_to_their_plan() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("j");
+        std::fs::write(&p, header(0, 1, 42)).unwrap();
+        check_header(&std::fs::read(&p).unwrap(), &p, 42).unwrap();
+        let e = check_header(&std::fs::read(&p).unwrap(), &p, 43).unwrap_err();
+        assert_eq!(e.class, crate::ErrorClass::Integrity);
+        assert!(check_header(b"short", &p, 42).is_err());
+    }
+}

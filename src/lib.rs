@@ -1,0 +1,42 @@
+//! ferry: an MPI-aware parallel staging tool that survives being killed at any instant.
+//!
+//! The library holds the whole engine; the `ferry` binary only parses arguments, runs a
+//! [`transfer`] function on each rank and maps the [`Error`] to an exit code. Where things live:
+//!
+//! | concept | module |
+//! |---|---|
+//! | the error space (class, errno, op, path, rank) | [`error`] |
+//! | collectives (one rank, N threads; MPI drops in) | [`comm`] |
+//! | walking sources, units, assignment to ranks | [`plan`] |
+//! | copying a rank's units into temporary names | [`engine`] |
+//! | per-rank journals of finished units | [`journal`] |
+//! | fsync / rename discipline (the only place) | [`fsio`] |
+//! | renames to final names, commit record, source removal | [`commit`] |
+//! | manifest and `ferry verify` | [`manifest`] |
+//! | state directory, records, lock, registry | [`state`] |
+//! | `ferry status` | [`status`] |
+//! | the protocol, phase by phase | [`transfer`] |
+//! | named failpoints for crash tests | [`failpoints`] |
+
+#![warn(missing_docs)]
+
+pub mod comm;
+pub mod commit;
+pub mod engine;
+pub mod error;
+pub mod failpoints;
+pub mod fsio;
+pub mod journal;
+pub mod manifest;
+pub mod pathser;
+pub mod plan;
+pub mod size;
+pub mod state;
+pub mod status;
+pub mod transfer;
+
+pub use comm::{Comm, SingleComm, ThreadComm};
+pub use error::{Error, ErrorClass, Result};
+pub use plan::Layout;
+pub use status::{State, Status};
+pub use transfer::{CopyOptions, RunOptions, Summary};

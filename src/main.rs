@@ -1,0 +1,532 @@
+//! The `ferry` command: parses arguments, runs the library on each rank, prints what rank 0 has
+//! to say and maps the error to the exit code of the brief's table. No engine logic lives here.
+
+use std::ffi::OsString;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use ferry::comm::{self, Comm, SingleComm};
+use ferry::engine::Progress;
+use ferry::size::{human, parse_size};
+use ferry::state::{self, TransferDir};
+use ferry::status::{self, Status};
+use ferry::transfer::{self, CopyOptions, RunOptions, Summary};
+use ferry::{Error, Layout};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Parallel, resumable, crash-consistent staging between storage tiers",
+    long_about = "ferry copies datasets between storage tiers with every rank of a job at once. \
+                  Killed at any instant, `ferry resume ID` finishes the job; the destination is \
+                  committed exactly once, byte-identical to the source."
+)]
+struct Cli {
+    /// More log output (-v: debug).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Debug, Clone)]
+struct Output {
+    /// Show a progress bar (default: when stderr is a terminal).
+    #[arg(long, conflicts_with = "quiet")]
+    progress: bool,
+    /// Print nothing but errors (and the transfer id / JSON on stdout).
+    #[arg(long, short)]
+    quiet: bool,
+    /// Print a machine-readable summary on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Run N ranks as threads of this process (testing without a launcher).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    ranks: usize,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Plan, copy and commit; prints the transfer id.
+    Copy {
+        /// Sources, then the destination. `{rank}` stands for the rank number.
+        #[arg(required = true, num_args = 2.., value_name = "SRC... DST")]
+        paths: Vec<OsString>,
+        /// Name the transfer (default: a fresh unique id).
+        #[arg(long)]
+        id: Option<String>,
+        /// Where plan, journals and commit record live (default: DST/.ferry).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// shared: every rank sees every source; local: each rank copies its own files.
+        #[arg(long, value_parser = clap::value_parser!(Layout))]
+        layout: Option<Layout>,
+        /// Files larger than this are split into chunks copied in parallel (e.g. 64MiB).
+        #[arg(long, value_parser = parse_size, default_value = "64MiB")]
+        chunk_size: u64,
+        /// Copy threads per rank (default: the cores available, at most 4).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Remove the sources once the commit is durable.
+        #[arg(long)]
+        delete_source: bool,
+        /// Re-read every destination unit and compare CRC32s before committing.
+        #[arg(long)]
+        verify: bool,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Continue an interrupted transfer (with any number of ranks in the shared layout).
+    Resume {
+        /// The transfer id.
+        id: String,
+        /// Where the transfer's state lives.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Copy threads per rank (default: as planned).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Re-read every destination unit before committing.
+        #[arg(long)]
+        verify: bool,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Tell the state of a transfer (or of every transfer in the state directory).
+    Status {
+        /// The transfer id.
+        id: Option<String>,
+        /// Where the transfer's state lives.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a running transfer (or an interrupted one), remove its temporary files.
+    Cancel {
+        /// The transfer id.
+        id: String,
+        /// Where the transfer's state lives.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// How long to wait for a running transfer to stop, in seconds.
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+    },
+    /// Re-check a committed destination against its manifest.
+    Verify {
+        /// The transfer id.
+        id: String,
+        /// Where the transfer's state lives.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the transfers known in a state directory (default: those this user started).
+    List {
+        /// The state directory.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a committed or cancelled transfer's state (its id is never reused).
+    Forget {
+        /// The transfer id.
+        id: String,
+        /// Where the transfer's state lives.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
+}
+
+/// A stderr logger whose lines carry `r{rank}/{size}`.
+struct Logger {
+    level: log::LevelFilter,
+}
+
+impl log::Log for Logger {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= self.level
+    }
+    fn log(&self, r: &log::Record) {
+        if !self.enabled(r.metadata()) {
+            return;
+        }
+        let (rank, size) = comm::thread_rank();
+        let level = match r.level() {
+            log::Level::Error => "error",
+            log::Level::Warn => "warning",
+            log::Level::Info => "info",
+            log::Level::Debug => "debug",
+            log::Level::Trace => "trace",
+        };
+        let _ = writeln!(std::io::stderr(), "ferry r{rank}/{size} {level}: {}", r.args());
+    }
+    fn flush(&self) {}
+}
+
+fn init_log(verbose: u8, quiet: bool) {
+    let level = match (quiet, verbose) {
+        (true, _) => log::LevelFilter::Warn,
+        (false, 0) => log::LevelFilter::Info,
+        (false, 1) => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    };
+    if log::set_boxed_logger(Box::new(Logger { level })).is_ok() {
+        log::set_max_level(level);
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let quiet = match &cli.cmd {
+        Cmd::Copy { out, .. } | Cmd::Resume { out, .. } => out.quiet || out.json,
+        Cmd::Status { json, .. } | Cmd::Verify { json, .. } | Cmd::List { json, .. } => *json,
+        _ => false,
+    };
+    init_log(cli.verbose, quiet);
+    let json = match &cli.cmd {
+        Cmd::Copy { out, .. } | Cmd::Resume { out, .. } => out.json,
+        Cmd::Status { json, .. } | Cmd::Verify { json, .. } | Cmd::List { json, .. } => *json,
+        _ => false,
+    };
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ferry: error: {e}\n  hint: {}", e.hint());
+            if json {
+                let v = serde_json::json!({ "error": e });
+                println!("{v}");
+            }
+            e.exit_code()
+        }
+    };
+    std::process::exit(code);
+}
+
+fn locate(id: &str, state_dir: Option<&std::path::Path>) -> ferry::Result<TransferDir> {
+    state::locate(id, state_dir)
+}
+
+fn run(cli: Cli) -> ferry::Result<i32> {
+    match cli.cmd {
+        Cmd::Copy {
+            mut paths,
+            id,
+            state_dir,
+            layout,
+            chunk_size,
+            threads,
+            delete_source,
+            verify,
+            out,
+        } => {
+            let dest = paths.pop().unwrap_or_default();
+            let mut opts = CopyOptions::new(paths, dest);
+            opts.id = id;
+            opts.state_dir = state_dir;
+            opts.layout = layout;
+            opts.chunk_size = chunk_size;
+            opts.threads = threads.unwrap_or_else(default_threads);
+            opts.delete_source = delete_source;
+            opts.verify = verify;
+            let sum = run_ranks(&out, |c, run| transfer::copy(c, &opts, run))?;
+            report(&sum, &out);
+            Ok(0)
+        }
+        Cmd::Resume {
+            id,
+            state_dir,
+            threads,
+            verify,
+            out,
+        } => {
+            let sum = run_ranks(&out, |c, run| {
+                let mut run = run.clone();
+                run.threads = threads;
+                run.verify = verify;
+                transfer::resume(c, &id, state_dir.as_deref(), &run)
+            })?;
+            report(&sum, &out);
+            Ok(0)
+        }
+        Cmd::Status {
+            id,
+            state_dir,
+            json,
+        } => {
+            let list = match id {
+                Some(id) => vec![status::status(&locate(&id, state_dir.as_deref())?)],
+                None => transfer::list(state_dir.as_deref())?,
+            };
+            if json {
+                let v = if list.len() == 1 {
+                    serde_json::to_string_pretty(&list[0])
+                } else {
+                    serde_json::to_string_pretty(&list)
+                };
+                println!("{}", v.map_err(|e| Error::internal(e.to_string()))?);
+            } else if list.is_empty() {
+                println!("no transfers");
+            } else {
+                for (i, st) in list.iter().enumerate() {
+                    if i > 0 {
+                        println!();
+                    }
+                    print_status(st);
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Cancel {
+            id,
+            state_dir,
+            wait,
+        } => {
+            let td = locate(&id, state_dir.as_deref())?;
+            let what = transfer::cancel(&td, Duration::from_secs(wait))?;
+            let msg = match what {
+                transfer::CancelOutcome::StoppedLiveRun => "stopped its run and cancelled it",
+                transfer::CancelOutcome::Cancelled => "cancelled it",
+                transfer::CancelOutcome::AlreadyCancelled => "it was already cancelled",
+            };
+            println!("transfer {id}: {msg}; temporary files removed");
+            Ok(0)
+        }
+        Cmd::Verify {
+            id,
+            state_dir,
+            json,
+        } => {
+            let td = locate(&id, state_dir.as_deref())?;
+            let m = transfer::verify(&td)?;
+            if json {
+                let v = serde_json::json!({
+                    "id": id, "ok": true, "files": m.files.len(),
+                    "symlinks": m.symlinks.len(), "dirs": m.dirs.len(), "bytes": m.bytes,
+                });
+                println!("{v}");
+            } else {
+                println!(
+                    "transfer {id}: destination matches its manifest ({} files, {}, {} symlinks, \
+                     {} directories)",
+                    m.files.len(),
+                    human(m.bytes),
+                    m.symlinks.len(),
+                    m.dirs.len()
+                );
+            }
+            Ok(0)
+        }
+        Cmd::List { state_dir, json } => {
+            let list = transfer::list(state_dir.as_deref())?;
+            if json {
+                let v = serde_json::to_string_pretty(&list)
+                    .map_err(|e| Error::internal(e.to_string()))?;
+                println!("{v}");
+            } else {
+                println!(
+                    "{:<32} {:<12} {:>8} {:>12} {:>7}  STARTED",
+                    "ID", "STATE", "FILES", "BYTES", "DONE"
+                );
+                for st in &list {
+                    println!(
+                        "{:<32} {:<12} {:>8} {:>12} {:>6.1}%  {}",
+                        st.id,
+                        st.state.name(),
+                        st.files,
+                        human(st.bytes_total),
+                        percent(st.bytes_done, st.bytes_total),
+                        st.started.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Forget { id, state_dir } => {
+            let td = locate(&id, state_dir.as_deref())?;
+            transfer::forget(&td)?;
+            println!("transfer {id}: forgotten");
+            Ok(0)
+        }
+    }
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get().min(4))
+        .unwrap_or(2)
+}
+
+fn percent(done: u64, total: u64) -> f64 {
+    if total == 0 {
+        100.0
+    } else {
+        done as f64 * 100.0 / total as f64
+    }
+}
+
+/// Run `f` on every rank (one, or `--ranks N` threads), with a progress bar on rank 0; returns
+/// rank 0's result.
+fn run_ranks<F>(out: &Output, f: F) -> ferry::Result<Summary>
+where
+    F: Fn(&dyn Comm, &RunOptions) -> ferry::Result<Summary> + Sync,
+{
+    if out.ranks == 0 {
+        return Err(Error::usage("--ranks must be at least 1"));
+    }
+    let progress = Arc::new(Progress::default());
+    let quiet_json = out.json;
+    let run = RunOptions {
+        progress: Some(progress.clone()),
+        announce: Some(Arc::new(move |id: &str, dir: &std::path::Path| {
+            if !quiet_json {
+                println!("{id}");
+                let _ = std::io::stdout().flush();
+            }
+            log::debug!("transfer {id}: state in '{}'", dir.display());
+        })),
+        ..RunOptions::default()
+    };
+    let show = out.progress || (!out.quiet && !out.json && std::io::stderr().is_terminal());
+    let done = Arc::new(AtomicBool::new(false));
+    let bar = show.then(|| {
+        let (p, d) = (progress.clone(), done.clone());
+        std::thread::spawn(move || draw_progress(&p, &d))
+    });
+    let result = if out.ranks == 1 {
+        f(&SingleComm, &run)
+    } else {
+        comm::run_threads(out.ranks, |c| f(c, &run))
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| Err(Error::internal("no ranks ran")))
+    };
+    done.store(true, Ordering::Relaxed);
+    if let Some(b) = bar {
+        let _ = b.join();
+    }
+    result
+}
+
+fn draw_progress(p: &Progress, done: &AtomicBool) {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    while !done.load(Ordering::Relaxed) {
+        bar.set_length(p.total.load(Ordering::Relaxed));
+        bar.set_position(p.done.load(Ordering::Relaxed));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bar.set_position(p.done.load(Ordering::Relaxed));
+    bar.finish_and_clear();
+}
+
+fn report(sum: &Summary, out: &Output) {
+    if out.json {
+        match serde_json::to_string_pretty(sum) {
+            Ok(s) => println!("{s}"),
+            Err(e) => eprintln!("ferry: cannot encode the summary: {e}"),
+        }
+        return;
+    }
+    if out.quiet {
+        return;
+    }
+    if sum.already_committed {
+        eprintln!(
+            "ferry: transfer {} was already committed; nothing to do{}",
+            sum.id,
+            if sum.sources_removed == Some(true) {
+                " (sources removed)"
+            } else {
+                ""
+            }
+        );
+        return;
+    }
+    let rate = if sum.seconds > 0.0 {
+        sum.bytes_copied as f64 / sum.seconds
+    } else {
+        0.0
+    };
+    eprintln!(
+        "ferry: transfer {} committed: {} files, {} directories, {} symlinks, {} on {} rank(s) \
+         in {:.2} s ({}/s)",
+        sum.id,
+        sum.files,
+        sum.dirs,
+        sum.symlinks,
+        human(sum.bytes_total),
+        sum.ranks,
+        sum.seconds,
+        human(rate as u64)
+    );
+    if sum.bytes_reused > 0 || sum.records_discarded > 0 {
+        eprintln!(
+            "ferry: copied {} in this run; {} were already durable from earlier runs{}",
+            human(sum.bytes_copied),
+            human(sum.bytes_reused),
+            if sum.records_discarded > 0 {
+                format!("; {} damaged journal record(s) discarded", sum.records_discarded)
+            } else {
+                String::new()
+            }
+        );
+    }
+    if sum.sources_removed == Some(true) {
+        eprintln!("ferry: sources removed");
+    }
+}
+
+fn print_status(st: &Status) {
+    println!("transfer {}: {}", st.id, st.state);
+    if let (Some(start), Some(by)) = (&st.started, &st.started_by) {
+        println!("  started   {start} by {by}");
+    }
+    if let Some(l) = st.layout {
+        println!("  layout    {l}, planned on {} rank(s)", st.ranks);
+    }
+    if !st.sources.is_empty() {
+        println!("  from      {}", st.sources.join(" "));
+        println!("  to        {}", st.dest);
+    }
+    println!(
+        "  progress  {} of {} ({:.1}%), {} of {} units; {} files, {} directories, {} symlinks",
+        human(st.bytes_done),
+        human(st.bytes_total),
+        percent(st.bytes_done, st.bytes_total),
+        st.units_done,
+        st.units_total,
+        st.files,
+        st.dirs,
+        st.symlinks
+    );
+    if let Some(l) = &st.live {
+        println!("  running   {l}");
+    }
+    if let Some(f) = &st.finished {
+        println!("  finished  {f}");
+    }
+    if let Some(r) = st.sources_removed {
+        println!("  sources   {}", if r { "removed" } else { "not yet removed" });
+    }
+    if let Some(e) = &st.error {
+        println!("  error     {e}");
+    }
+    println!("  state dir {}", st.state_dir.display());
+}

@@ -1,0 +1,599 @@
+//! The collective transfer plan: what is copied where, cut into units, and which rank copies what.
+//!
+//! A plan is built once (by walking the sources) and written to the state directory before any
+//! data moves; every later run of the same transfer reads it back, so resume never re-walks the
+//! sources. Entries are directories, regular files and symlinks with the metadata to restore;
+//! files larger than the chunk size become several units so several ranks can copy one file.
+//! The assignment of units to ranks is not stored: it is a pure function of the plan, the units
+//! still to do and the number of ranks, so a resume may use another rank count (shared layout).
+//! This module reads the source tree but never writes anything.
+
+use std::collections::{BinaryHeap, HashMap};
+use std::ffi::{OsStr, OsString};
+use std::fs;
+use std::io;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, ErrorClass, IoContext, Result};
+
+/// The plan format version written into plan files.
+pub const FORMAT: u32 = 1;
+
+/// How the sources are visible to the ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// Every rank sees every source; work is balanced by bytes, big files are split.
+    Shared,
+    /// Each rank holds its own files; a rank copies only what it holds.
+    Local,
+}
+
+impl std::str::FromStr for Layout {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "shared" => Ok(Layout::Shared),
+            "local" => Ok(Layout::Local),
+            _ => Err(format!("unknown layout '{s}' (use shared or local)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Layout::Shared => "shared",
+            Layout::Local => "local",
+        })
+    }
+}
+
+/// What an entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// A directory (created, its mode and mtime restored once its contents are in place).
+    Dir,
+    /// A regular file (copied in units).
+    File,
+    /// A symbolic link (recreated with the same target, never followed).
+    Symlink,
+}
+
+/// One thing to create at the destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Directory, file or symlink.
+    pub kind: Kind,
+    /// Absolute source path.
+    #[serde(with = "crate::pathser")]
+    pub src: PathBuf,
+    /// Absolute destination path.
+    #[serde(with = "crate::pathser")]
+    pub dst: PathBuf,
+    /// Size in bytes (files).
+    pub size: u64,
+    /// Permission bits.
+    pub mode: u32,
+    /// Modification time (seconds, nanoseconds).
+    pub mtime: (i64, u32),
+    /// Access time (seconds, nanoseconds).
+    pub atime: (i64, u32),
+    /// Symlink target.
+    #[serde(with = "crate::pathser::opt", default)]
+    pub target: Option<PathBuf>,
+    /// Local layout: the rank that holds the source.
+    pub holder: Option<usize>,
+}
+
+/// A piece of one file: the smallest thing a rank copies and journals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unit {
+    /// Index of the file entry.
+    pub entry: u32,
+    /// Byte offset in the file.
+    pub offset: u64,
+    /// Length in bytes (0 only for an empty file's single unit).
+    pub len: u64,
+}
+
+/// The collective transfer plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    /// Plan format version.
+    pub format: u32,
+    /// The transfer id.
+    pub id: String,
+    /// Shared or local.
+    pub layout: Layout,
+    /// Files above this size are split into units of this size.
+    pub chunk_size: u64,
+    /// Ranks of the run that made the plan (the local layout needs the same count on resume).
+    pub ranks: usize,
+    /// When the plan was made (RFC 3339, UTC).
+    pub created: String,
+    /// Who made it.
+    pub user: String,
+    /// Where it was made.
+    pub host: String,
+    /// The sources as typed (with `{rank}` if used).
+    pub sources: Vec<String>,
+    /// The destination as typed.
+    pub dest: String,
+    /// Remove sources once committed.
+    pub delete_source: bool,
+    /// Re-read and compare destination units before the commit.
+    pub verify: bool,
+    /// Copy threads per rank.
+    pub threads: usize,
+    /// Everything to create, parents before children.
+    pub entries: Vec<Entry>,
+    /// The file pieces to copy.
+    pub units: Vec<Unit>,
+}
+
+impl Plan {
+    /// Total bytes of all units.
+    pub fn bytes_total(&self) -> u64 {
+        self.units.iter().map(|u| u.len).sum()
+    }
+
+    /// Count entries of a kind.
+    pub fn count(&self, kind: Kind) -> usize {
+        self.entries.iter().filter(|e| e.kind == kind).count()
+    }
+
+    /// For each file entry, the indices of its units in offset order.
+    pub fn units_by_entry(&self) -> HashMap<u32, Vec<u32>> {
+        let mut m: HashMap<u32, Vec<u32>> = HashMap::new();
+        for (i, u) in self.units.iter().enumerate() {
+            m.entry(u.entry).or_default().push(i as u32);
+        }
+        m
+    }
+
+    /// The rank that finalises entry `e` (renames it, restores metadata, removes its source):
+    /// its holder in the local layout; otherwise files and symlinks spread by index and every
+    /// directory on rank 0 (directories are finished deepest first, after all files).
+    pub fn owner(&self, e: usize, nranks: usize) -> usize {
+        let ent = &self.entries[e];
+        match (self.layout, ent.holder) {
+            (Layout::Local, Some(h)) => h,
+            _ if ent.kind == Kind::Dir => 0,
+            _ => e % nranks,
+        }
+    }
+
+    /// Assign `todo` units to `nranks` ranks. Shared: greedy by bytes (largest first, to the rank
+    /// with the fewest bytes, then fewest units), so loads differ by at most one unit. Local: each
+    /// unit to its holder; the rank count must equal the planning run's.
+    pub fn assign(&self, todo: &[u32], nranks: usize) -> Result<Vec<Vec<u32>>> {
+        let mut out = vec![Vec::new(); nranks];
+        match self.layout {
+            Layout::Local => {
+                if nranks != self.ranks {
+                    return Err(Error::usage(format!(
+                        "transfer {} uses the local layout and was planned on {} ranks; \
+                         each rank's sources are visible to that rank only, so it must be \
+                         resumed on {} ranks, not {}",
+                        self.id, self.ranks, self.ranks, nranks
+                    )));
+                }
+                for &u in todo {
+                    let e = &self.entries[self.units[u as usize].entry as usize];
+                    out[e.holder.unwrap_or(0)].push(u);
+                }
+            }
+            Layout::Shared => {
+                let mut order: Vec<u32> = todo.to_vec();
+                order.sort_by_key(|&u| (std::cmp::Reverse(self.units[u as usize].len), u));
+                let mut heap: BinaryHeap<std::cmp::Reverse<(u64, usize, usize)>> =
+                    (0..nranks).map(|r| std::cmp::Reverse((0, 0, r))).collect();
+                for u in order {
+                    let std::cmp::Reverse((bytes, count, r)) =
+                        heap.pop().ok_or_else(|| Error::internal("no ranks"))?;
+                    out[r].push(u);
+                    let len = self.units[u as usize].len;
+                    heap.push(std::cmp::Reverse((bytes + len, count + 1, r)));
+                }
+            }
+        }
+        for v in &mut out {
+            v.sort_by_key(|&u| (self.units[u as usize].entry, self.units[u as usize].offset));
+        }
+        Ok(out)
+    }
+}
+
+/// Cut file entries into units of at most `chunk` bytes (an empty file is one empty unit).
+pub fn make_units(entries: &[Entry], chunk: u64) -> Vec<Unit> {
+    let mut units = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        if e.kind != Kind::File {
+            continue;
+        }
+        if e.size == 0 {
+            units.push(Unit {
+                entry: i as u32,
+                offset: 0,
+                len: 0,
+            });
+            continue;
+        }
+        let mut off = 0;
+        while off < e.size {
+            let len = chunk.min(e.size - off);
+            units.push(Unit {
+                entry: i as u32,
+                offset: off,
+                len,
+            });
+            off += len;
+        }
+    }
+    units
+}
+
+/// Replace `{rank}` in a path template.
+pub fn subst_rank(template: &OsStr, rank: usize) -> PathBuf {
+    let bytes = template.as_bytes();
+    let pat = b"{rank}";
+    let r = rank.to_string();
+    let mut out = Vec::with_capacity(bytes.len() + 8);
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i..].starts_with(pat) {
+            out.extend_from_slice(r.as_bytes());
+            i += pat.len();
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    PathBuf::from(OsString::from_vec(out))
+}
+
+/// Whether a path template names `{rank}`.
+pub fn has_rank(template: &OsStr) -> bool {
+    template.as_bytes().windows(6).any(|w| w == b"{rank}")
+}
+
+/// Make `p` absolute and free of `.`/`..` and symlinks in its existing part (the part that does
+/// not exist yet is appended lexically).
+pub fn absolute(p: &Path) -> Result<PathBuf> {
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .ctx("getcwd", Path::new("."))?
+            .join(p)
+    };
+    let mut existing = abs.clone();
+    let mut rest: Vec<OsString> = Vec::new();
+    loop {
+        match fs::canonicalize(&existing) {
+            Ok(c) => {
+                let mut out = c;
+                for part in rest.iter().rev() {
+                    match Path::new(part).components().next() {
+                        Some(Component::ParentDir) => {
+                            out.pop();
+                        }
+                        Some(Component::CurDir) | None => {}
+                        _ => out.push(part),
+                    }
+                }
+                return Ok(out);
+            }
+            Err(_) => match (existing.parent(), existing.file_name()) {
+                (Some(parent), Some(name)) => {
+                    rest.push(name.to_os_string());
+                    existing = parent.to_path_buf();
+                }
+                _ => {
+                    // `..` at the end or the root itself: normalise lexically.
+                    return Ok(abs.components().collect());
+                }
+            },
+        }
+    }
+}
+
+fn time_of(secs: i64, nsec: i64) -> (i64, u32) {
+    (secs, nsec.clamp(0, 999_999_999) as u32)
+}
+
+fn entry_from(kind: Kind, src: &Path, dst: &Path, md: &fs::Metadata, holder: Option<usize>) -> Entry {
+    Entry {
+        kind,
+        src: src.to_path_buf(),
+        dst: dst.to_path_buf(),
+        size: if kind == Kind::File { md.len() } else { 0 },
+        mode: md.mode() & 0o7777,
+        mtime: time_of(md.mtime(), md.mtime_nsec()),
+        atime: time_of(md.atime(), md.atime_nsec()),
+        target: None,
+        holder,
+    }
+}
+
+/// What a walk found besides the entries.
+#[derive(Debug, Default)]
+pub struct WalkReport {
+    /// Sockets, FIFOs and device files that were skipped, with a warning.
+    pub skipped: Vec<PathBuf>,
+}
+
+/// Map sources to destination roots: one directory source becomes `dest` itself; one file source
+/// becomes `dest` (or `dest/NAME` when `dest` ends in `/` or is an existing directory); several
+/// sources go into `dest/NAME` each.
+pub fn roots(sources: &[PathBuf], dest: &Path, dest_typed: &OsStr) -> Result<Vec<(PathBuf, PathBuf)>> {
+    let mut out = Vec::new();
+    let dest_is_dir = dest_typed.as_bytes().ends_with(b"/") || dest.is_dir();
+    for s in sources {
+        let md = fs::metadata(s).map_err(|e| {
+            Error::io("stat", s, e).context("source does not exist or cannot be read")
+        })?;
+        let name = s.file_name().ok_or_else(|| {
+            Error::usage(format!("source '{}' has no name to copy under", s.display()))
+        })?;
+        let d = if sources.len() > 1 || (!md.is_dir() && dest_is_dir) {
+            dest.join(name)
+        } else {
+            dest.to_path_buf()
+        };
+        out.push((s.clone(), d));
+    }
+    Ok(out)
+}
+
+/// Walk one source root into entries (parents before children, names in byte order so the same
+/// tree gives the same plan). A top-level symlink is followed; symlinks inside are copied as
+/// symlinks. `exclude` names paths (e.g. the state directory) that are not copied.
+pub fn walk(
+    src: &Path,
+    dst: &Path,
+    exclude: &[PathBuf],
+    holder: Option<usize>,
+    report: &mut WalkReport,
+) -> Result<Vec<Entry>> {
+    let md = fs::metadata(src).ctx("stat", src)?;
+    let mut out = Vec::new();
+    if md.is_dir() {
+        out.push(entry_from(Kind::Dir, src, dst, &md, holder));
+        walk_dir(src, dst, exclude, holder, &mut out, report)?;
+    } else if md.is_file() {
+        out.push(entry_from(Kind::File, src, dst, &md, holder));
+    } else {
+        return Err(Error::usage(format!(
+            "source '{}' is neither a file nor a directory",
+            src.display()
+        )));
+    }
+    Ok(out)
+}
+
+fn walk_dir(
+    src: &Path,
+    dst: &Path,
+    exclude: &[PathBuf],
+    holder: Option<usize>,
+    out: &mut Vec<Entry>,
+    report: &mut WalkReport,
+) -> Result<()> {
+    let mut names: Vec<OsString> = Vec::new();
+    for ent in fs::read_dir(src).ctx("read-dir", src)? {
+        names.push(ent.ctx("read-dir", src)?.file_name());
+    }
+    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    for name in names {
+        let s = src.join(&name);
+        if exclude.iter().any(|x| x == &s) {
+            continue;
+        }
+        let d = dst.join(&name);
+        let md = match fs::symlink_metadata(&s) {
+            Ok(md) => md,
+            // Vanished between readdir and stat: the tree is changing under us.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io("stat", &s, e)),
+        };
+        let ft = md.file_type();
+        if ft.is_dir() {
+            out.push(entry_from(Kind::Dir, &s, &d, &md, holder));
+            walk_dir(&s, &d, exclude, holder, out, report)?;
+        } else if ft.is_file() {
+            out.push(entry_from(Kind::File, &s, &d, &md, holder));
+        } else if ft.is_symlink() {
+            let mut e = entry_from(Kind::Symlink, &s, &d, &md, holder);
+            e.target = Some(fs::read_link(&s).ctx("readlink", &s)?);
+            out.push(e);
+        } else {
+            log::warn!("skipping '{}': not a file, directory or symlink", s.display());
+            report.skipped.push(s);
+        }
+    }
+    Ok(())
+}
+
+/// Refuse plans that would write over their own sources: a destination equal to, inside, or
+/// containing a source, or two entries with one destination path.
+pub fn check_paths(entries: &[Entry], roots: &[(PathBuf, PathBuf)]) -> Result<()> {
+    for (s, d) in roots {
+        if d == s {
+            return Err(Error::usage(format!(
+                "source and destination are the same path '{}'",
+                s.display()
+            )));
+        }
+        if d.starts_with(s) {
+            return Err(Error::usage(format!(
+                "destination '{}' is inside the source '{}'",
+                d.display(),
+                s.display()
+            )));
+        }
+        if s.starts_with(d) {
+            return Err(Error::usage(format!(
+                "source '{}' is inside the destination '{}'",
+                s.display(),
+                d.display()
+            )));
+        }
+    }
+    let mut seen: HashMap<&Path, &Entry> = HashMap::new();
+    for e in entries {
+        if let Some(prev) = seen.insert(&e.dst, e) {
+            if e.kind == Kind::Dir && prev.kind == Kind::Dir {
+                continue;
+            }
+            let who = |x: &Entry| match x.holder {
+                Some(r) => format!("rank {r}'s '{}'", x.src.display()),
+                None => format!("'{}'", x.src.display()),
+            };
+            return Err(Error::new(
+                ErrorClass::Usage,
+                format!(
+                    "{} and {} would both be copied to '{}'; give each rank its own \
+                     destination (e.g. put {{rank}} in DST)",
+                    who(prev),
+                    who(e),
+                    e.dst.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(i: usize, size: u64) -> Entry {
+        Entry {
+            kind: Kind::File,
+            src: PathBuf::from(format!("/s/{i}")),
+            dst: PathBuf::from(format!("/d/{i}")),
+            size,
+            mode: 0o644,
+            mtime: (0, 0),
+            atime: (0, 0),
+            target: None,
+            holder: None,
+        }
+    }
+
+    fn plan(entries: Vec<Entry>, chunk: u64) -> Plan {
+        let units = make_units(&entries, chunk);
+        Plan {
+            format: FORMAT,
+            id: "t".into(),
+            layout: Layout::Shared,
+            chunk_size: chunk,
+            ranks: 1,
+            created: String::new(),
+            user: String::new(),
+            host: String::new(),
+            sources: vec![],
+            dest: String::new(),
+            delete_source: false,
+            verify: false,
+            threads: 1,
+            entries,
+            units,
+        }
+    }
+
+    #[test]
+    fn files_are_cut_at_the_chunk_size() {
+        let c = 100;
+        let es = vec![file(0, 0), file(1, 1), file(2, 99), file(3, 100), file(4, 101), file(5, 350)];
+        let u = make_units(&es, c);
+        let per: Vec<usize> = (0..6).map(|i| u.iter().filter(|x| x.entry == i).count()).collect();
+        assert_eq!(per, vec![1, 1, 1, 1, 2, 4]);
+        let last: Vec<&Unit> = u.iter().filter(|x| x.entry == 5).collect();
+        assert_eq!((last[3].offset, last[3].len), (300, 50));
+        for (i, e) in es.iter().enumerate() {
+            let sum: u64 = u.iter().filter(|x| x.entry == i as u32).map(|x| x.len).sum();
+            assert_eq!(sum, e.size);
+        }
+    }
+
+    #[test]
+    fn shared_assignment_balances_bytes_within_one_chunk() {
+        let chunk = 1 << 20;
+        let sizes = [5u64 << 20, 3 << 20, 1, 7 << 19, 12345, 0, 9 << 20, 100, 2 << 20];
+        let p = plan(sizes.iter().enumerate().map(|(i, &s)| file(i, s)).collect(), chunk);
+        let all: Vec<u32> = (0..p.units.len() as u32).collect();
+        for n in 1..=8 {
+            let a = p.assign(&all, n).unwrap();
+            let loads: Vec<u64> = a
+                .iter()
+                .map(|v| v.iter().map(|&u| p.units[u as usize].len).sum())
+                .collect();
+            let (mx, mn) = (*loads.iter().max().unwrap(), *loads.iter().min().unwrap());
+            assert!(mx - mn <= chunk, "n={n} loads={loads:?}");
+            let mut seen: Vec<u32> = a.concat();
+            seen.sort();
+            assert_eq!(seen, all, "every unit exactly once");
+            assert_eq!(p.assign(&all, n).unwrap(), a, "deterministic");
+        }
+    }
+
+    #[test]
+    fn many_empty_files_spread_by_count() {
+        let p = plan((0..40).map(|i| file(i, 0)).collect(), 1 << 20);
+        let all: Vec<u32> = (0..40).collect();
+        let a = p.assign(&all, 4).unwrap();
+        assert!(a.iter().all(|v| v.len() == 10));
+    }
+
+    #[test]
+    fn local_layout_needs_the_same_rank_count() {
+        let mut es: Vec<Entry> = (0..4).map(|i| file(i, 10)).collect();
+        for (i, e) in es.iter_mut().enumerate() {
+            e.holder = Some(i % 2);
+        }
+        let mut p = plan(es, 100);
+        p.layout = Layout::Local;
+        p.ranks = 2;
+        let all: Vec<u32> = (0..4).collect();
+        assert_eq!(p.assign(&all, 2).unwrap(), vec![vec![0, 2], vec![1, 3]]);
+        assert_eq!(p.assign(&all, 3).unwrap_err().class, ErrorClass::Usage);
+    }
+
+    #[test]
+    fn rank_placeholder() {
+        assert_eq!(subst_rank(OsStr::new("/bb/{rank}/x{rank}"), 7), PathBuf::from("/bb/7/x7"));
+        assert!(has_rank(OsStr::new("/a/{rank}")));
+        assert!(!has_rank(OsStr::new("/a/{ran}")));
+    }
+
+    #[test]
+    fn duplicate_destinations_are_refused() {
+        let mut a = file(0, 1);
+        let mut b = file(1, 1);
+        a.holder = Some(0);
+        b.holder = Some(1);
+        b.dst = a.dst.clone();
+        let e = check_paths(&[a, b], &[]).unwrap_err();
+        assert_eq!(e.class, ErrorClass::Usage);
+        assert!(e.message.contains("rank 0") && e.message.contains("rank 1"), "{}", e.message);
+    }
+
+    #[test]
+    fn nested_source_and_destination_are_refused() {
+        let s = PathBuf::from("/data/src");
+        for d in ["/data/src", "/data/src/sub", "/data"] {
+            let r = check_paths(&[], &[(s.clone(), PathBuf::from(d))]);
+            assert_eq!(r.unwrap_err().class, ErrorClass::Usage, "{d}");
+        }
+        assert!(check_paths(&[], &[(s, PathBuf::from("/data/srcX"))]).is_ok());
+    }
+}

@@ -1,0 +1,547 @@
+//! The state directory: where a transfer's past, present and future are kept.
+//!
+//! `STATE_DIR/ID/` holds the plan, one journal per rank and attempt, the commit decision, the
+//! commit record, cancel and outcome records, and the lock. Every record here is framed
+//! (`ferry-KIND 1 LEN CRC32` header line, then the body) and written through
+//! [`fsio::write_atomic`], so it is either absent, or whole and verified: a record that fails its
+//! check is reported as `integrity` naming the file, never silently ignored. This module also
+//! keeps the per-user registry that finds a transfer by id alone, and the lock that makes one run
+//! the only owner of a transfer. It never copies data.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, ErrorClass, IoContext, Result};
+use crate::fsio;
+
+/// File names inside a transfer directory.
+pub mod names {
+    /// The plan.
+    pub const PLAN: &str = "plan";
+    /// The commit decision (rank 0, after every rank's data is durable).
+    pub const DECISION: &str = "decision";
+    /// The commit record with the manifest: the one proof of completion.
+    pub const COMMIT: &str = "commit";
+    /// A request from `ferry cancel` to a live run.
+    pub const CANCEL_REQUEST: &str = "cancel-request";
+    /// The transfer was cancelled.
+    pub const CANCELLED: &str = "cancelled";
+    /// How the last run ended, if it failed.
+    pub const OUTCOME: &str = "outcome";
+    /// Sources removed after the commit (`--delete-source`).
+    pub const SOURCES_REMOVED: &str = "sources-removed";
+    /// The lock a live run holds.
+    pub const LOCK: &str = "lock";
+    /// Left by `ferry forget` so the id is never used again.
+    pub const FORGOTTEN: &str = "forgotten";
+}
+
+/// A transfer's state directory (`STATE_DIR/ID`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferDir {
+    /// The directory.
+    pub path: PathBuf,
+    /// The transfer id (its name).
+    pub id: String,
+}
+
+impl TransferDir {
+    /// The transfer `id` under `state_dir`.
+    pub fn new(state_dir: &Path, id: &str) -> TransferDir {
+        TransferDir {
+            path: state_dir.join(id),
+            id: id.to_string(),
+        }
+    }
+
+    /// A file in this transfer's directory.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// The journal of `rank` in `attempt`.
+    pub fn journal(&self, attempt: u32, rank: usize) -> PathBuf {
+        self.path.join(format!("journal.a{attempt}.r{rank}"))
+    }
+
+    /// Every journal file, with its attempt number, sorted.
+    pub fn journals(&self) -> Result<Vec<(u32, PathBuf)>> {
+        let mut out = Vec::new();
+        let rd = match fs::read_dir(&self.path) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(Error::io("read-dir", &self.path, e)),
+        };
+        for ent in rd {
+            let ent = ent.ctx("read-dir", &self.path)?;
+            let name = ent.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let Some(rest) = name.strip_prefix("journal.a") else {
+                continue;
+            };
+            let Some((a, r)) = rest.split_once(".r") else {
+                continue;
+            };
+            if let (Ok(a), Ok(_)) = (a.parse::<u32>(), r.parse::<usize>()) {
+                out.push((a, ent.path()));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Whether a plan exists here.
+    pub fn exists(&self) -> bool {
+        self.file(names::PLAN).exists()
+    }
+
+    /// Whether `ferry forget` removed this transfer.
+    pub fn forgotten(&self) -> bool {
+        self.file(names::FORGOTTEN).exists()
+    }
+}
+
+/// Create the state directory tree privately (0700).
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        if !parent.as_os_str().is_empty() {
+            fsio::create_dirs(parent)?;
+        }
+    }
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => fsio::fsync_dir(fsio::parent_of(dir)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e).ctx("mkdir", dir),
+    }
+}
+
+/// Frame a record body: `ferry-KIND 1 LEN CRC\n` then the body.
+pub fn frame(kind: &str, body: &[u8]) -> Vec<u8> {
+    let mut out = format!(
+        "ferry-{kind} 1 {} {:08x}\n",
+        body.len(),
+        crc32fast::hash(body)
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// Check a framed record and return its body; anything else is an `integrity` error naming `path`.
+pub fn unframe<'a>(kind: &str, bytes: &'a [u8], path: &Path) -> Result<&'a [u8]> {
+    let bad = |why: &str| {
+        Error::integrity(
+            path,
+            format!("state file is unreadable ({why}); it was not trusted"),
+        )
+        .with_op("read-state")
+    };
+    let nl = bytes
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or_else(|| bad("no header"))?;
+    let header = std::str::from_utf8(&bytes[..nl]).map_err(|_| bad("bad header"))?;
+    let mut parts = header.split(' ');
+    let magic = format!("ferry-{kind}");
+    if parts.next() != Some(magic.as_str()) {
+        return Err(bad(&format!("not a {kind} record")));
+    }
+    if parts.next() != Some("1") {
+        return Err(bad("unknown version"));
+    }
+    let len: usize = parts
+        .next()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("bad length"))?;
+    let crc = parts
+        .next()
+        .and_then(|s| u32::from_str_radix(s, 16).ok())
+        .ok_or_else(|| bad("bad checksum field"))?;
+    let body = &bytes[nl + 1..];
+    if body.len() != len {
+        return Err(bad(&format!("{} bytes, header says {len}", body.len())));
+    }
+    if crc32fast::hash(body) != crc {
+        return Err(bad("checksum mismatch"));
+    }
+    Ok(body)
+}
+
+/// Write a record durably and atomically.
+pub fn write_record<T: Serialize>(path: &Path, kind: &str, value: &T) -> Result<()> {
+    let body = serde_json::to_vec_pretty(value)
+        .map_err(|e| Error::internal(format!("encode {kind}: {e}")))?;
+    fsio::write_atomic(path, &frame(kind, &body))
+}
+
+/// Write an already-encoded record body durably and atomically.
+pub fn write_record_raw(path: &Path, kind: &str, body: &[u8]) -> Result<()> {
+    fsio::write_atomic(path, &frame(kind, body))
+}
+
+/// Read a record; `None` if it does not exist, `integrity` if it does not check out.
+pub fn read_record<T: DeserializeOwned>(path: &Path, kind: &str) -> Result<Option<T>> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io("read", path, e)),
+    };
+    let body = unframe(kind, &bytes, path)?;
+    serde_json::from_slice(body).map(Some).map_err(|e| {
+        Error::integrity(path, format!("state file is unreadable ({e}); it was not trusted"))
+            .with_op("read-state")
+    })
+}
+
+/// The time now, RFC 3339 in UTC to the second.
+pub fn now() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// `user@host` of this process.
+pub fn who() -> (String, String) {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| format!("uid{}", rustix::process::getuid().as_raw()));
+    let host = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    (user, host)
+}
+
+/// A fresh transfer id: time of day plus random bits (`20261122T054417-3fa9c1`).
+pub fn new_id() -> String {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let stamp: String = stamp
+        .chars()
+        .filter(|c| c.is_ascii_digit() || *c == 'T')
+        .collect();
+    format!("{stamp}-{:06x}", h.finish() & 0xff_ffff)
+}
+
+/// Ids are file names: letters, digits, `.`, `_`, `-`; 1 to 64 of them, not starting with `.`.
+pub fn validate_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::usage(format!(
+            "'{id}' is not a valid transfer id (1-64 of A-Z a-z 0-9 . _ -, not starting with .)"
+        )))
+    }
+}
+
+/// The lock a live run holds on its transfer (an exclusive `flock` on `ID/lock`, released by the
+/// kernel when the process dies, so a killed run never leaves a stale lock).
+#[derive(Debug)]
+pub struct Lock {
+    _file: File,
+}
+
+fn open_lock(td: &TransferDir) -> Result<File> {
+    let p = td.file(names::LOCK);
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&p)
+        .ctx("open", &p)
+}
+
+impl Lock {
+    /// Take the transfer's lock or fail with a `usage` error naming the holder.
+    pub fn acquire(td: &TransferDir) -> Result<Lock> {
+        let mut f = open_lock(td)?;
+        // `ferry status` holds a shared lock for an instant; do not mistake it for a run.
+        for _ in 0..50 {
+            match f.try_lock() {
+                Ok(()) => {
+                    let (user, host) = who();
+                    let _ = f.set_len(0);
+                    let _ = f.rewind();
+                    let _ = write!(f, "pid {} on {host} by {user}", std::process::id());
+                    return Ok(Lock { _file: f });
+                }
+                Err(fs::TryLockError::WouldBlock) => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(fs::TryLockError::Error(e)) => {
+                    return Err(Error::io("lock", &td.file(names::LOCK), e))
+                }
+            }
+        }
+        let holder = lock_holder(&mut f);
+        Err(Error::new(
+            ErrorClass::Usage,
+            format!(
+                "transfer {} is in use by another ferry run ({holder}); wait for it to end or \
+                 `ferry cancel {}`",
+                td.id, td.id
+            ),
+        )
+        .with_path(&td.path))
+    }
+}
+
+fn lock_holder(f: &mut File) -> String {
+    let mut s = String::new();
+    let _ = f.rewind();
+    let _ = f.read_to_string(&mut s);
+    if s.is_empty() {
+        "holder unknown".into()
+    } else {
+        s
+    }
+}
+
+/// If a live run holds the transfer's lock, who it is.
+pub fn live_holder(td: &TransferDir) -> Option<String> {
+    let mut f = match File::open(td.file(names::LOCK)) {
+        Ok(f) => f,
+        Err(_) => return None,
+    };
+    match f.try_lock_shared() {
+        Ok(()) => None,
+        Err(fs::TryLockError::WouldBlock) => Some(lock_holder(&mut f)),
+        Err(fs::TryLockError::Error(_)) => None,
+    }
+}
+
+/// The per-user registry of transfers (id → state directory), so `ferry status ID` works without
+/// `--state-dir`. It is a convenience: the state directory alone is the truth.
+pub mod registry {
+    use super::*;
+
+    /// `$FERRY_HOME`, else `$XDG_STATE_HOME/ferry`, else `~/.local/state/ferry`.
+    pub fn dir() -> Option<PathBuf> {
+        if let Some(h) = std::env::var_os("FERRY_HOME") {
+            return Some(PathBuf::from(h));
+        }
+        if let Some(x) = std::env::var_os("XDG_STATE_HOME") {
+            return Some(PathBuf::from(x).join("ferry"));
+        }
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state/ferry"))
+    }
+
+    fn entry(id: &str) -> Option<PathBuf> {
+        dir().map(|d| d.join("transfers").join(id))
+    }
+
+    /// Remember where transfer `id` keeps its state (best effort: a failure is logged).
+    pub fn register(td: &TransferDir) {
+        let Some(p) = entry(&td.id) else { return };
+        let res = create_private_dir(fsio::parent_of(&p)).and_then(|_| {
+            fsio::write_atomic(&p, crate::pathser::encode(&td.path).as_bytes())
+        });
+        if let Err(e) = res {
+            log::debug!("could not record transfer {} in the registry: {e}", td.id);
+        }
+    }
+
+    /// Where transfer `id` keeps its state, if registered.
+    pub fn lookup(id: &str) -> Option<PathBuf> {
+        let s = fs::read_to_string(entry(id)?).ok()?;
+        crate::pathser::decode(s.trim_end_matches('\n')).ok()
+    }
+
+    /// Every registered transfer.
+    pub fn all() -> Vec<TransferDir> {
+        let Some(d) = dir() else { return Vec::new() };
+        let Ok(rd) = fs::read_dir(d.join("transfers")) else {
+            return Vec::new();
+        };
+        let mut out: Vec<TransferDir> = rd
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let id = e.file_name().to_str()?.to_string();
+                if validate_id(&id).is_err() {
+                    return None;
+                }
+                let path = lookup(&id)?;
+                Some(TransferDir { path, id })
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    /// Drop transfer `id` from the registry.
+    pub fn remove(id: &str) {
+        if let Some(p) = entry(id) {
+            let _ = fsio::remove_file(&p);
+        }
+    }
+}
+
+/// Find transfer `id`: in `--state-dir`, else `$FERRY_STATE_DIR`, else the registry, else
+/// `./.ferry`. An unknown id is a `usage` error saying where ferry looked.
+pub fn locate(id: &str, state_dir: Option<&Path>) -> Result<TransferDir> {
+    validate_id(id)?;
+    let mut looked = Vec::new();
+    let mut candidates = Vec::new();
+    if let Some(d) = state_dir {
+        candidates.push(TransferDir::new(d, id));
+    } else {
+        if let Some(d) = std::env::var_os("FERRY_STATE_DIR") {
+            candidates.push(TransferDir::new(Path::new(&d), id));
+        }
+        if let Some(p) = registry::lookup(id) {
+            candidates.push(TransferDir {
+                path: p,
+                id: id.to_string(),
+            });
+        }
+        candidates.push(TransferDir::new(Path::new(".ferry"), id));
+    }
+    for td in candidates {
+        if td.forgotten() {
+            return Err(Error::usage(format!(
+                "transfer {id} was forgotten (ferry forget); its id is not reused"
+            ))
+            .with_path(&td.path));
+        }
+        if td.path.is_dir() {
+            return Ok(td);
+        }
+        looked.push(td.path.display().to_string());
+    }
+    Err(Error::usage(format!(
+        "no such transfer '{id}' (looked in {}); pass --state-dir DIR",
+        looked.join(", ")
+    )))
+}
+
+/// All transfers in `state_dir`, sorted by id.
+pub fn list_dir(state_dir: &Path) -> Result<Vec<TransferDir>> {
+    let rd = match fs::read_dir(state_dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("read-dir", state_dir, e)),
+    };
+    let mut out = Vec::new();
+    for ent in rd {
+        let ent = ent.ctx("read-dir", state_dir)?;
+        let Some(id) = ent.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        let td = TransferDir::new(state_dir, &id);
+        if validate_id(&id).is_ok() && ent.path().is_dir() && !td.forgotten() {
+            out.push(td);
+        }
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(out)
+}
+
+/// The commit decision: every rank's data is durable under temporary names; renames may start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Decision {
+    /// When it was taken.
+    pub time: String,
+    /// The attempt that took it.
+    pub attempt: u32,
+}
+
+/// The transfer was cancelled.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Cancelled {
+    /// When.
+    pub time: String,
+    /// `user@host`.
+    pub by: String,
+}
+
+/// How the last run ended, when it failed (removed when a new run starts).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Outcome {
+    /// When.
+    pub time: String,
+    /// The error, as every rank agreed on it.
+    pub error: Error,
+}
+
+/// The sources were removed after the commit.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SourcesRemoved {
+    /// When.
+    pub time: String,
+    /// Source directories left in place because they held files not in the plan.
+    #[serde(with = "crate::pathser::vec")]
+    pub kept: Vec<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn framed_records_detect_damage() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("rec");
+        write_record(&p, "decision", &Decision { time: "t".into(), attempt: 3 }).unwrap();
+        let back: Decision = read_record(&p, "decision").unwrap().unwrap();
+        assert_eq!(back.attempt, 3);
+        let mut bytes = fs::read(&p).unwrap();
+        let n = bytes.len();
+        bytes[n - 3] ^= 0x20;
+        fs::write(&p, &bytes).unwrap();
+        let e = read_record::<Decision>(&p, "decision").unwrap_err();
+        assert_eq!(e.class, ErrorClass::Integrity);
+        assert_eq!(e.path.as_deref(), Some(p.as_path()));
+        fs::write(&p, &bytes[..n / 2]).unwrap();
+        assert!(read_record::<Decision>(&p, "decision").is_err());
+        assert!(read_record::<Decision>(&d.path().join("none"), "decision").unwrap().is_none());
+    }
+
+    #[test]
+    fn ids() {
+        let a = new_id();
+        validate_id(&a).unwrap();
+        assert_ne!(a, new_id());
+        for bad in ["", ".x", "a/b", "a b", &"x".repeat(65)] {
+            assert!(validate_id(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn lock_is_exclusive_and_visible() {
+        let d = tempfile::tempdir().unwrap();
+        let td = TransferDir::new(d.path(), "t1");
+        create_private_dir(&td.path).unwrap();
+        assert!(live_holder(&td).is_none());
+        let l = Lock::acquire(&td).unwrap();
+        assert!(live_holder(&td).unwrap().contains("pid"));
+        let e = Lock::acquire(&td).unwrap_err();
+        assert_eq!(e.class, ErrorClass::Usage);
+        drop(l);
+        assert!(live_holder(&td).is_none());
+        Lock::acquire(&td).unwrap();
+    }
+}

@@ -1,0 +1,936 @@
+//! A transfer as a job: `copy` plans and runs it, `resume` continues it, and `cancel`, `verify`,
+//! `list` and `forget` act on it. This is the protocol of the brief, phase by phase, and the only
+//! place that sequences collectives.
+//!
+//! Every phase ends in [`agree`], so an error on any rank reaches every rank and all of them leave
+//! at the same point. The phases of a run:
+//!
+//! 1. rank 0 takes the lock; the plan is built (or read on resume) and written before any data
+//!    moves, then broadcast;
+//! 2. rank 0 reads every journal; each rank checks the journaled units of the entries it owns
+//!    (their temporary file must still hold them) and the survivors are shared;
+//! 3. the remaining units are assigned to the ranks of this run and copied (engine);
+//! 4. with `--verify`, every unit is read back and compared;
+//! 5. rank 0 durably records the decision; each rank renames its entries to their final names,
+//!    fsyncs directories and checks every final name with a stat;
+//! 6. rank 0 writes the commit record with the manifest;
+//! 7. with `--delete-source`, sources are removed, then rank 0 records that.
+
+use std::collections::{BTreeSet, HashMap};
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::comm::{agree, Comm};
+use crate::commit;
+use crate::engine::{self, CopyJob, Progress, Stopper};
+use crate::error::{Error, ErrorClass, IoContext, Result};
+use crate::failpoints;
+use crate::fsio;
+use crate::journal::{self, Journal};
+use crate::manifest::{self, CommitRecord};
+use crate::plan::{self, Entry, Kind, Layout, Plan};
+use crate::state::{self, names, Lock, TransferDir};
+use crate::status::{self, State, Status};
+
+/// Default chunk size: 64 MiB.
+pub const DEFAULT_CHUNK: u64 = 64 << 20;
+
+/// What the user asked `ferry copy` for.
+#[derive(Debug, Clone)]
+pub struct CopyOptions {
+    /// Sources (may contain `{rank}`).
+    pub sources: Vec<OsString>,
+    /// Destination (may contain `{rank}`).
+    pub dest: OsString,
+    /// Transfer id; a fresh one if `None`.
+    pub id: Option<String>,
+    /// State directory; default `DST/.ferry`.
+    pub state_dir: Option<PathBuf>,
+    /// Layout; default `local` if a source names `{rank}`, else `shared`.
+    pub layout: Option<Layout>,
+    /// Chunk size in bytes.
+    pub chunk_size: u64,
+    /// Copy threads per rank.
+    pub threads: usize,
+    /// Remove sources after the commit.
+    pub delete_source: bool,
+    /// Re-read and compare before the commit.
+    pub verify: bool,
+    /// Record the transfer in the per-user registry (so it is found by id alone).
+    pub register: bool,
+}
+
+impl CopyOptions {
+    /// Options with the defaults of the CLI.
+    pub fn new(sources: Vec<OsString>, dest: OsString) -> CopyOptions {
+        CopyOptions {
+            sources,
+            dest,
+            id: None,
+            state_dir: None,
+            layout: None,
+            chunk_size: DEFAULT_CHUNK,
+            threads: 4,
+            delete_source: false,
+            verify: false,
+            register: true,
+        }
+    }
+}
+
+/// Called on rank 0 once the transfer is named and its plan durable: (id, state directory).
+pub type Announce = Arc<dyn Fn(&str, &Path) + Send + Sync>;
+
+/// Settings of one run (copy or resume) that are not part of the plan.
+#[derive(Clone, Default)]
+pub struct RunOptions {
+    /// Override the plan's threads per rank.
+    pub threads: Option<usize>,
+    /// Verify before the commit even if the plan did not ask for it.
+    pub verify: bool,
+    /// A progress counter to update (shared by all ranks in this process).
+    pub progress: Option<Arc<Progress>>,
+    /// Told the transfer id as soon as the plan is durable (before any data moves).
+    pub announce: Option<Announce>,
+}
+
+impl std::fmt::Debug for RunOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunOptions")
+            .field("threads", &self.threads)
+            .field("verify", &self.verify)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a run did. Every rank returns one; rank 0's is the one to print.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Transfer id.
+    pub id: String,
+    /// State at the end of the run.
+    pub state: State,
+    /// Where the state lives.
+    #[serde(with = "crate::pathser")]
+    pub state_dir: PathBuf,
+    /// Ranks of this run.
+    pub ranks: usize,
+    /// Files in the plan.
+    pub files: usize,
+    /// Directories in the plan.
+    pub dirs: usize,
+    /// Symlinks in the plan.
+    pub symlinks: usize,
+    /// Bytes in the plan.
+    pub bytes_total: u64,
+    /// Bytes copied by this run (all ranks).
+    pub bytes_copied: u64,
+    /// Bytes found durable from earlier runs and not copied again.
+    pub bytes_reused: u64,
+    /// Units copied by this run.
+    pub units_copied: u64,
+    /// Journal records discarded as torn or corrupt.
+    pub records_discarded: usize,
+    /// Bytes copied by each rank in this run.
+    pub bytes_per_rank: Vec<u64>,
+    /// Wall time of the run.
+    pub seconds: f64,
+    /// The transfer was already committed when this run started.
+    pub already_committed: bool,
+    /// With `--delete-source`: whether every source is gone.
+    pub sources_removed: Option<bool>,
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| Error::internal(format!("encode: {e}")))
+}
+
+fn decode<T: for<'a> Deserialize<'a>>(b: &[u8]) -> Result<T> {
+    serde_json::from_slice(b).map_err(|e| Error::internal(format!("decode: {e}")))
+}
+
+/// Rank 0 computes a value (or an error) that every rank receives.
+fn from_root<T, F>(comm: &dyn Comm, f: F) -> Result<T>
+where
+    T: Serialize + for<'a> Deserialize<'a>,
+    F: FnOnce() -> Result<T>,
+{
+    let local = if comm.rank() == 0 {
+        f().and_then(|v| encode(&v))
+    } else {
+        Ok(Vec::new())
+    };
+    let bytes = agree(comm, local)?;
+    decode(&comm.broadcast(0, &bytes)?)
+}
+
+/// The default state directory for a destination template: `DST/.ferry` when DST is (to be) a
+/// directory, else beside the destination file; with `{rank}` in DST, beside the first
+/// component that names it (so all ranks share one state directory).
+fn default_state_dir(dest_t: &OsStr, dest_is_dir: bool) -> PathBuf {
+    let p = Path::new(dest_t);
+    if plan::has_rank(dest_t) {
+        let mut base = PathBuf::new();
+        for c in p.components() {
+            if plan::has_rank(c.as_os_str()) {
+                break;
+            }
+            base.push(c);
+        }
+        return base.join(".ferry");
+    }
+    if dest_is_dir {
+        p.join(".ferry")
+    } else {
+        fsio::parent_of(p).join(".ferry")
+    }
+}
+
+/// Run `ferry copy` on this rank.
+pub fn copy(comm: &dyn Comm, opts: &CopyOptions, run: &RunOptions) -> Result<Summary> {
+    let (me, n) = (comm.rank(), comm.size());
+    // Every rank resolves its own paths; any bad input stops all of them.
+    let local = resolve_inputs(opts, me);
+    let (layout, srcs, dst) = agree(comm, local)?;
+
+    // Rank 0 names the transfer, makes its state directory and takes the lock.
+    let mut lock = None;
+    let td: TransferDir = {
+        let local = if me == 0 {
+            setup_new_transfer(opts, layout, &srcs, &dst).map(|(td, l)| {
+                lock = Some(l);
+                td
+            })
+        } else {
+            Ok(TransferDir::new(Path::new(""), ""))
+        };
+        let local = local.and_then(|td| encode(&(crate::pathser::encode(&td.path), &td.id)));
+        let bytes = comm.broadcast(0, &agree(comm, local)?)?;
+        let (path, id): (String, String) = decode(&bytes)?;
+        TransferDir {
+            path: crate::pathser::decode(&path).map_err(Error::internal)?,
+            id,
+        }
+    };
+
+    // Walk: rank 0 alone (shared) or every rank its own sources (local).
+    let result = (|| {
+        let walked = match layout {
+            Layout::Shared if me != 0 => Ok(Vec::new()),
+            _ => walk_mine(&srcs, &dst, &td, (layout == Layout::Local).then_some(me), opts),
+        };
+        let walked = agree(comm, walked.and_then(|w| encode(&w)))?;
+        let all = comm.gather(0, &walked)?;
+        let plan_body = from_root(comm, || {
+            let mut entries: Vec<Entry> = Vec::new();
+            for b in &all {
+                entries.extend(decode::<Vec<Entry>>(b)?);
+            }
+            plan::check_paths(&entries, &[])?;
+            let plan = make_plan(opts, layout, &td, n, entries);
+            let body = encode(&plan)?;
+            state::write_record_raw(&td.file(names::PLAN), "plan", &body)?;
+            failpoints::hit("plan::written")?;
+            Ok(body)
+        })?;
+        let plan: Plan = decode(&plan_body)?;
+        let crc = crc32fast::hash(&plan_body);
+        Ok((plan, crc))
+    })();
+    let (plan, crc) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            // Nothing was planned: leave no half-made transfer behind.
+            if me == 0 && !td.exists() {
+                let _ = std::fs::remove_dir_all(&td.path);
+                if opts.register {
+                    state::registry::remove(&td.id);
+                }
+            }
+            return Err(e);
+        }
+    };
+    execute(comm, &td, &plan, crc, run, lock)
+}
+
+fn resolve_inputs(opts: &CopyOptions, me: usize) -> Result<(Layout, Vec<PathBuf>, (PathBuf, OsString))> {
+    if opts.sources.is_empty() {
+        return Err(Error::usage("no source given: ferry copy SRC... DST"));
+    }
+    if opts.chunk_size == 0 {
+        return Err(Error::usage("--chunk-size must be at least 1 byte"));
+    }
+    if opts.threads == 0 {
+        return Err(Error::usage("--threads must be at least 1"));
+    }
+    let src_rank = opts.sources.iter().any(|s| plan::has_rank(s));
+    let layout = opts.layout.unwrap_or(if src_rank { Layout::Local } else { Layout::Shared });
+    if layout == Layout::Shared && (src_rank || plan::has_rank(&opts.dest)) {
+        return Err(Error::usage(
+            "{rank} in SRC or DST needs --layout local (each rank copies its own files)",
+        ));
+    }
+    let mut srcs = Vec::new();
+    for s in &opts.sources {
+        let p = plan::subst_rank(s, me);
+        if std::fs::symlink_metadata(&p).is_err() {
+            return Err(Error::new(ErrorClass::NotFound, "source does not exist")
+                .with_path(&p)
+                .with_op("stat"));
+        }
+        srcs.push(plan::absolute(&p)?);
+    }
+    let dst_typed = plan::subst_rank(&opts.dest, me).into_os_string();
+    let dst = plan::absolute(Path::new(&dst_typed))?;
+    let roots = plan::roots(&srcs, &dst, &dst_typed)?;
+    plan::check_paths(&[], &roots)?;
+    Ok((layout, srcs, (dst, dst_typed)))
+}
+
+fn setup_new_transfer(
+    opts: &CopyOptions,
+    layout: Layout,
+    srcs: &[PathBuf],
+    dst: &(PathBuf, OsString),
+) -> Result<(TransferDir, Lock)> {
+    let id = match &opts.id {
+        Some(id) => {
+            state::validate_id(id)?;
+            id.clone()
+        }
+        None => state::new_id(),
+    };
+    let state_dir = match &opts.state_dir {
+        Some(d) => plan::absolute(d)?,
+        None => {
+            let dest_is_dir = srcs.len() > 1
+                || srcs.first().is_some_and(|s| s.is_dir())
+                || dst.1.as_bytes().ends_with(b"/")
+                || dst.0.is_dir();
+            let d = if plan::has_rank(&opts.dest) {
+                default_state_dir(&opts.dest, true)
+            } else {
+                default_state_dir(dst.0.as_os_str(), dest_is_dir)
+            };
+            plan::absolute(&d)?
+        }
+    };
+    let _ = layout;
+    if let Some(old) = state::registry::lookup(&id).filter(|_| opts.register) {
+        if old != state_dir.join(&id) && old.is_dir() {
+            return Err(Error::usage(format!(
+                "transfer id {id} is already used (state in '{}'); ids are never reused",
+                old.display()
+            )));
+        }
+    }
+    state::create_private_dir(&state_dir)?;
+    let td = TransferDir::new(&state_dir, &id);
+    match std::fs::DirBuilder::new().create(&td.path) {
+        Ok(()) => {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&td.path, std::fs::Permissions::from_mode(0o700))
+                .ctx("chmod", &td.path)?;
+            fsio::fsync_dir(&state_dir)?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(Error::usage(format!(
+                "transfer {id} already exists in '{}'; use `ferry resume {id}` to continue it \
+                 or pick another --id",
+                state_dir.display()
+            )));
+        }
+        Err(e) => return Err(Error::io("mkdir", &td.path, e)),
+    }
+    let lock = Lock::acquire(&td)?;
+    if opts.register {
+        state::registry::register(&td);
+    }
+    Ok((td, lock))
+}
+
+fn walk_mine(
+    srcs: &[PathBuf],
+    dst: &(PathBuf, OsString),
+    td: &TransferDir,
+    holder: Option<usize>,
+    _opts: &CopyOptions,
+) -> Result<Vec<Entry>> {
+    let roots = plan::roots(srcs, &dst.0, &dst.1)?;
+    let state_dir = fsio::parent_of(&td.path).to_path_buf();
+    let mut entries = Vec::new();
+    let mut report = plan::WalkReport::default();
+    for (s, d) in &roots {
+        // Never copy ferry's own state: this transfer's, or an earlier one kept in the source.
+        let exclude = vec![state_dir.clone(), s.join(".ferry")];
+        entries.extend(plan::walk(s, d, &exclude, holder, &mut report)?);
+    }
+    plan::check_paths(&entries, &roots)?;
+    Ok(entries)
+}
+
+fn make_plan(opts: &CopyOptions, layout: Layout, td: &TransferDir, n: usize, entries: Vec<Entry>) -> Plan {
+    let (user, host) = state::who();
+    let units = plan::make_units(&entries, opts.chunk_size);
+    Plan {
+        format: plan::FORMAT,
+        id: td.id.clone(),
+        layout,
+        chunk_size: opts.chunk_size,
+        ranks: n,
+        created: state::now(),
+        user,
+        host,
+        sources: opts
+            .sources
+            .iter()
+            .map(|s| crate::pathser::encode(Path::new(s)))
+            .collect(),
+        dest: crate::pathser::encode(Path::new(&opts.dest)),
+        delete_source: opts.delete_source,
+        verify: opts.verify,
+        threads: opts.threads,
+        entries,
+        units,
+    }
+}
+
+/// Run `ferry resume` on this rank.
+pub fn resume(comm: &dyn Comm, id: &str, state_dir: Option<&Path>, run: &RunOptions) -> Result<Summary> {
+    let mut lock = None;
+    let got = from_root(comm, || {
+        let td = state::locate(id, state_dir)?;
+        let l = Lock::acquire(&td)?;
+        let path = td.file(names::PLAN);
+        let bytes = std::fs::read(&path).map_err(|e| {
+            Error::io("read", &path, e).context("the transfer's plan cannot be read")
+        })?;
+        let (_, _) = status::read_plan(&td)?;
+        let body = state::unframe("plan", &bytes, &path)?.to_vec();
+        lock = Some(l);
+        Ok((crate::pathser::encode(&td.path), td.id, body))
+    })?;
+    let (path, id, body): (String, String, Vec<u8>) = got;
+    let td = TransferDir {
+        path: crate::pathser::decode(&path).map_err(Error::internal)?,
+        id,
+    };
+    let plan: Plan = decode(&body)?;
+    execute(comm, &td, &plan, crc32fast::hash(&body), run, lock)
+}
+
+/// What rank 0 learns from the state directory at the start of a run and tells every rank.
+#[derive(Debug, Serialize, Deserialize)]
+struct Known {
+    committed: bool,
+    cancelled: bool,
+    cancel_requested: bool,
+    decided: bool,
+    sources_removed: bool,
+    attempt: u32,
+    discarded: usize,
+    /// (unit, len, crc) of every journaled unit.
+    records: Vec<(u32, u64, u32)>,
+}
+
+fn read_known(td: &TransferDir, plan: &Plan, crc: u32) -> Result<Known> {
+    fsio::clean_atomic_leftovers(&td.path)?;
+    let commit: Option<CommitRecord> = state::read_record(&td.file(names::COMMIT), "commit")?;
+    let cancelled: Option<state::Cancelled> =
+        state::read_record(&td.file(names::CANCELLED), "cancelled")?;
+    let decision: Option<state::Decision> =
+        state::read_record(&td.file(names::DECISION), "decision")?;
+    let removed: Option<state::SourcesRemoved> =
+        state::read_record(&td.file(names::SOURCES_REMOVED), "sources-removed")?;
+    let scan = if commit.is_some() {
+        journal::Scan::default()
+    } else {
+        journal::scan(td, plan, crc)?
+    };
+    // A new run starts: the last run's outcome no longer describes the transfer.
+    if commit.is_none() && fsio::remove_file(&td.file(names::OUTCOME))? {
+        fsio::fsync_dir(&td.path)?;
+    }
+    let mut records: Vec<(u32, u64, u32)> =
+        scan.units.values().map(|r| (r.unit, r.len, r.crc)).collect();
+    records.sort_unstable();
+    Ok(Known {
+        committed: commit.is_some(),
+        cancelled: cancelled.is_some(),
+        cancel_requested: td.file(names::CANCEL_REQUEST).exists(),
+        decided: decision.is_some(),
+        sources_removed: removed.is_some(),
+        attempt: scan.last_attempt + 1,
+        discarded: scan.discarded,
+        records,
+    })
+}
+
+/// Keep the journaled units of the entries this rank owns whose data is still where the journal
+/// says: in the temporary file, or (after the decision) at the final name with the planned size.
+fn still_durable(plan: &Plan, known: &Known, me: usize, n: usize) -> Result<Vec<u32>> {
+    let by_entry = plan.units_by_entry();
+    let journaled: HashMap<u32, u64> = known.records.iter().map(|&(u, l, _)| (u, l)).collect();
+    let mut ok = Vec::new();
+    for (e, units) in &by_entry {
+        let e = *e as usize;
+        if plan.owner(e, n) != me || !units.iter().any(|u| journaled.contains_key(u)) {
+            continue;
+        }
+        let ent = &plan.entries[e];
+        let tmp = engine::temp_path(plan, e);
+        match std::fs::symlink_metadata(&tmp) {
+            Ok(md) if md.is_file() => {
+                for &u in units {
+                    let unit = plan.units[u as usize];
+                    if journaled.contains_key(&u) && md.len() >= unit.offset + unit.len {
+                        ok.push(u);
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(_) if known.decided => {
+                let fine = std::fs::symlink_metadata(&ent.dst)
+                    .map(|m| m.is_file() && m.len() == ent.size)
+                    .unwrap_or(false);
+                if fine && units.iter().all(|u| journaled.contains_key(u)) {
+                    ok.extend(units.iter().copied());
+                }
+            }
+            Err(_) => {}
+        }
+    }
+    Ok(ok)
+}
+
+/// The phases every run goes through once the plan is known.
+fn execute(
+    comm: &dyn Comm,
+    td: &TransferDir,
+    plan: &Plan,
+    crc: u32,
+    run: &RunOptions,
+    lock: Option<Lock>,
+) -> Result<Summary> {
+    let start = Instant::now();
+    let (me, n) = (comm.rank(), comm.size());
+    if me == 0 {
+        if let Some(a) = &run.announce {
+            a(&plan.id, &td.path);
+        }
+    }
+    let known: Known = from_root(comm, || read_known(td, plan, crc))?;
+    let mut sum = Summary {
+        id: plan.id.clone(),
+        state: State::Copying,
+        state_dir: td.path.clone(),
+        ranks: n,
+        files: plan.count(Kind::File),
+        dirs: plan.count(Kind::Dir),
+        symlinks: plan.count(Kind::Symlink),
+        bytes_total: plan.bytes_total(),
+        bytes_copied: 0,
+        bytes_reused: 0,
+        units_copied: 0,
+        records_discarded: known.discarded,
+        bytes_per_rank: vec![0; n],
+        seconds: 0.0,
+        already_committed: known.committed,
+        sources_removed: None,
+    };
+    if known.cancelled {
+        return Err(Error::usage(format!(
+            "transfer {} was cancelled; it cannot be resumed (start a new `ferry copy`)",
+            plan.id
+        )));
+    }
+    if known.committed {
+        if plan.delete_source && !known.sources_removed {
+            delete_sources(comm, td, plan)?;
+        }
+        sum.state = State::Committed;
+        sum.bytes_reused = sum.bytes_total;
+        sum.sources_removed = plan.delete_source.then_some(true);
+        sum.seconds = start.elapsed().as_secs_f64();
+        drop(lock);
+        return Ok(sum);
+    }
+    let stopper = Stopper::new(td.file(names::CANCEL_REQUEST));
+    let progress = engine::progress_or_default(run.progress.as_ref());
+    let res = run_phases(comm, td, plan, crc, run, &known, &stopper, &progress, &mut sum);
+    let res = match res {
+        Ok(()) => Ok(()),
+        Err(e) if e.class == ErrorClass::Cancelled => {
+            let cleaned = commit::remove_temps(plan, me, n);
+            let cleaned = agree(comm, cleaned.map(|_| ()));
+            if me == 0 && cleaned.is_ok() {
+                let (user, host) = state::who();
+                let rec = state::Cancelled {
+                    time: state::now(),
+                    by: format!("{user}@{host}"),
+                };
+                state::write_record(&td.file(names::CANCELLED), "cancelled", &rec)?;
+            }
+            cleaned.and(Err(e))
+        }
+        Err(e) => {
+            if me == 0 && lock.is_some() {
+                let rec = state::Outcome {
+                    time: state::now(),
+                    error: e.clone(),
+                };
+                if let Err(w) = state::write_record(&td.file(names::OUTCOME), "outcome", &rec) {
+                    log::warn!("could not record the failure: {w}");
+                }
+            }
+            Err(e)
+        }
+    };
+    sum.seconds = start.elapsed().as_secs_f64();
+    drop(lock);
+    res.map(|()| sum)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_phases(
+    comm: &dyn Comm,
+    td: &TransferDir,
+    plan: &Plan,
+    crc: u32,
+    run: &RunOptions,
+    known: &Known,
+    stopper: &Stopper,
+    progress: &Progress,
+    sum: &mut Summary,
+) -> Result<()> {
+    let (me, n) = (comm.rank(), comm.size());
+    if known.cancel_requested {
+        return agree(comm, Err(Error::cancelled()));
+    }
+    let threads = run.threads.unwrap_or(plan.threads).max(1);
+    let pool = agree(comm, engine::pool(threads))?;
+
+    // Which journaled units are still durable where the journal says.
+    let mine_ok = agree(comm, still_durable(plan, known, me, n).and_then(|v| encode(&v)))?;
+    let mut crcs: HashMap<u32, u32> = HashMap::new();
+    let journaled: HashMap<u32, u32> = known.records.iter().map(|&(u, _, c)| (u, c)).collect();
+    for b in comm.allgather(&mine_ok)? {
+        for u in decode::<Vec<u32>>(&b)? {
+            if let Some(&c) = journaled.get(&u) {
+                crcs.insert(u, c);
+            }
+        }
+    }
+    let reused: u64 = crcs.keys().map(|&u| plan.units[u as usize].len).sum();
+    sum.bytes_reused = reused;
+    let todo: Vec<u32> = (0..plan.units.len() as u32)
+        .filter(|u| !crcs.contains_key(u))
+        .collect();
+    let assignment = agree(comm, plan.assign(&todo, n))?;
+    let mine = &assignment[me];
+    if me == 0 {
+        progress.total.store(plan.bytes_total(), Ordering::Relaxed);
+        progress.done.fetch_add(reused, Ordering::Relaxed);
+        if known.attempt > 1 || !known.records.is_empty() {
+            let redo: u64 = todo.iter().map(|&u| plan.units[u as usize].len).sum();
+            log::info!(
+                "resume of {}: {} of {} unit(s) already durable ({} bytes kept); re-copying {} \
+                 unit(s), {} bytes",
+                plan.id,
+                crcs.len(),
+                plan.units.len(),
+                reused,
+                todo.len(),
+                redo
+            );
+        }
+    }
+
+    // Directories: each rank makes the ones it owns, then the parents of its units' files.
+    let dirs = (|| {
+        for e in 0..plan.entries.len() {
+            if plan.entries[e].kind == Kind::Dir && plan.owner(e, n) == me {
+                fsio::create_dirs(&plan.entries[e].dst)?;
+            }
+        }
+        Ok(())
+    })();
+    agree(comm, dirs)?;
+    let parents = (|| {
+        let mut seen = BTreeSet::new();
+        for &u in mine {
+            let dst = &plan.entries[plan.units[u as usize].entry as usize].dst;
+            let p = fsio::parent_of(dst).to_path_buf();
+            if seen.insert(p.clone()) {
+                fsio::create_dirs(&p)?;
+            }
+        }
+        Ok(())
+    })();
+    agree(comm, parents)?;
+
+    // Copy.
+    let journal = agree(comm, Journal::create(td, known.attempt, me, crc))?;
+    let job = CopyJob {
+        plan,
+        journal: &journal,
+        stopper,
+        progress,
+    };
+    let copied = engine::copy_units(&job, &pool, mine);
+    let copied = agree(comm, copied)?;
+    let mine_bytes: u64 = copied.iter().map(|r| r.len).sum();
+    let recs: Vec<(u32, u32)> = copied.iter().map(|r| (r.unit, r.crc)).collect();
+    for b in comm.allgather(&encode(&recs)?)? {
+        for (u, c) in decode::<Vec<(u32, u32)>>(&b)? {
+            crcs.insert(u, c);
+        }
+    }
+    let per_rank = comm.allgather(&mine_bytes.to_le_bytes())?;
+    sum.bytes_per_rank = per_rank
+        .iter()
+        .map(|b| u64::from_le_bytes(b[..8].try_into().unwrap_or([0; 8])))
+        .collect();
+    sum.bytes_copied = sum.bytes_per_rank.iter().sum();
+    sum.units_copied = comm.allreduce_sum(copied.len() as u64)?;
+    failpoints::hit("copy::all_done")?;
+
+    // Optional read-back.
+    if run.verify || plan.verify {
+        let all: Vec<u32> = (0..plan.units.len() as u32).collect();
+        let a = plan.assign(&all, n)?;
+        let v = engine::verify_units(plan, &pool, &a[me], &crcs, stopper);
+        agree(comm, v)?;
+    }
+
+    // Decision: every unit is durable under its temporary name.
+    sum.state = State::Prepared;
+    let decided = if me == 0 {
+        (|| {
+            if crcs.len() != plan.units.len() {
+                return Err(Error::internal(format!(
+                    "{} of {} units have no checksum before the decision",
+                    plan.units.len() - crcs.len(),
+                    plan.units.len()
+                )));
+            }
+            stopper.check_now()?;
+            failpoints::hit("commit::before_decision")?;
+            if !known.decided {
+                let d = state::Decision {
+                    time: state::now(),
+                    attempt: known.attempt,
+                };
+                state::write_record(&td.file(names::DECISION), "decision", &d)?;
+            }
+            failpoints::hit("commit::decision_written")
+        })()
+    } else {
+        Ok(())
+    };
+    agree(comm, decided)?;
+    sum.state = State::Committing;
+
+    // Final names, then a stat of each, then directories.
+    let fin = commit::finalize_entries(plan, me, n).and_then(|_| commit::check_finals(plan, me, n));
+    agree(comm, fin)?;
+    agree(comm, commit::finish_dirs(plan, me, n))?;
+
+    // The commit record: the one proof of completion.
+    let committed = if me == 0 {
+        commit::write_commit(td, plan, &crcs, known.attempt, n).map(|_| ())
+    } else {
+        Ok(())
+    };
+    agree(comm, committed)?;
+    sum.state = State::Committed;
+    if plan.delete_source {
+        delete_sources(comm, td, plan)?;
+        sum.sources_removed = Some(true);
+    }
+    Ok(())
+}
+
+fn delete_sources(comm: &dyn Comm, td: &TransferDir, plan: &Plan) -> Result<()> {
+    let (me, n) = (comm.rank(), comm.size());
+    agree(comm, commit::delete_source_files(plan, me, n))?;
+    let kept = agree(comm, commit::delete_source_dirs(plan, me, n).and_then(|k| encode(&k
+        .iter()
+        .map(|p| crate::pathser::encode(p))
+        .collect::<Vec<_>>())))?;
+    let all = comm.gather(0, &kept)?;
+    let rec = if me == 0 {
+        (|| {
+            let mut kept = Vec::new();
+            for b in &all {
+                for s in decode::<Vec<String>>(b)? {
+                    kept.push(crate::pathser::decode(&s).map_err(Error::internal)?);
+                }
+            }
+            let rec = state::SourcesRemoved {
+                time: state::now(),
+                kept,
+            };
+            state::write_record(&td.file(names::SOURCES_REMOVED), "sources-removed", &rec)?;
+            failpoints::hit("delete::recorded")
+        })()
+    } else {
+        Ok(())
+    };
+    agree(comm, rec)
+}
+
+/// What `ferry cancel` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CancelOutcome {
+    /// A live run noticed the request and stopped.
+    StoppedLiveRun,
+    /// No run was live; this process removed the temporaries and recorded the cancel.
+    Cancelled,
+    /// It had been cancelled before.
+    AlreadyCancelled,
+}
+
+/// `ferry cancel`: stop a running transfer or cancel an interrupted one. A committed (or
+/// committing) transfer is refused with a `usage` error.
+pub fn cancel(td: &TransferDir, wait: std::time::Duration) -> Result<CancelOutcome> {
+    let st = status::status(td);
+    match st.state {
+        State::Committed => {
+            return Err(Error::usage(format!(
+                "transfer {} is already committed; there is nothing to cancel (use `ferry forget` \
+                 to drop its record)",
+                td.id
+            )))
+        }
+        State::Cancelled => return Ok(CancelOutcome::AlreadyCancelled),
+        _ => {}
+    }
+    let (user, host) = state::who();
+    let req = state::Cancelled {
+        time: state::now(),
+        by: format!("{user}@{host}"),
+    };
+    if st.live.is_some() {
+        state::write_record(&td.file(names::CANCEL_REQUEST), "cancel-request", &req)?;
+        let t0 = Instant::now();
+        while state::live_holder(td).is_some() {
+            if t0.elapsed() > wait {
+                return Err(Error::new(
+                    ErrorClass::Transient,
+                    format!(
+                        "asked transfer {} to cancel, but its run has not stopped within {:?}; \
+                         it will stop at its next check",
+                        td.id, wait
+                    ),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let after = status::status(td);
+        return match after.state {
+            State::Cancelled => Ok(CancelOutcome::StoppedLiveRun),
+            State::Committed => Err(Error::usage(format!(
+                "transfer {} committed before it saw the cancel request; nothing was cancelled",
+                td.id
+            ))),
+            // The run died before it could act: finish the cancel here.
+            _ => cancel_offline(td, &req),
+        };
+    }
+    cancel_offline(td, &req)
+}
+
+fn cancel_offline(td: &TransferDir, req: &state::Cancelled) -> Result<CancelOutcome> {
+    let _lock = Lock::acquire(td)?;
+    let (plan, _) = status::read_plan(td)?;
+    if td.file(names::COMMIT).exists() {
+        return Err(Error::usage(format!("transfer {} is already committed", td.id)));
+    }
+    if td.file(names::DECISION).exists() {
+        let _ = fsio::remove_file(&td.file(names::CANCEL_REQUEST));
+        return Err(Error::usage(format!(
+            "transfer {} already decided to commit and may have replaced destination files; \
+             cancelling now would leave a mix. Run `ferry resume {}` to finish it",
+            td.id, td.id
+        )));
+    }
+    state::write_record(&td.file(names::CANCEL_REQUEST), "cancel-request", req)?;
+    // One process cleans every rank's temporaries (visible here in the shared layout and in
+    // local layouts on one machine; others are removed by `forget` on their node).
+    let n = plan.ranks.max(1);
+    for r in 0..n {
+        commit::remove_temps(&plan, r, n)?;
+    }
+    state::write_record(&td.file(names::CANCELLED), "cancelled", req)?;
+    Ok(CancelOutcome::Cancelled)
+}
+
+/// `ferry verify`: re-read a committed destination and compare with its manifest.
+pub fn verify(td: &TransferDir) -> Result<manifest::Manifest> {
+    let rec: CommitRecord = state::read_record(&td.file(names::COMMIT), "commit")?.ok_or_else(|| {
+        Error::usage(format!(
+            "transfer {} is not committed; there is nothing to verify yet (see `ferry status {}`)",
+            td.id, td.id
+        ))
+    })?;
+    let problems = manifest::verify(&rec.manifest);
+    for p in &problems {
+        log::error!("{p}");
+    }
+    match problems.into_iter().next() {
+        None => Ok(rec.manifest),
+        Some(first) => Err(first),
+    }
+}
+
+/// `ferry forget`: remove a committed or cancelled transfer's state (the id stays reserved).
+pub fn forget(td: &TransferDir) -> Result<()> {
+    let st = status::status(td);
+    if !matches!(st.state, State::Committed | State::Cancelled) {
+        return Err(Error::usage(format!(
+            "transfer {} is {}; only committed or cancelled transfers can be forgotten \
+             (cancel it first)",
+            td.id, st.state
+        )));
+    }
+    let _lock = Lock::acquire(td)?;
+    failpoints::hit("forget::start")?;
+    state::write_record(
+        &td.file(names::FORGOTTEN),
+        "forgotten",
+        &state::Decision {
+            time: state::now(),
+            attempt: 0,
+        },
+    )?;
+    for ent in std::fs::read_dir(&td.path).ctx("read-dir", &td.path)? {
+        let ent = ent.ctx("read-dir", &td.path)?;
+        if ent.file_name() != names::FORGOTTEN && ent.file_name() != names::LOCK {
+            fsio::remove_file(&ent.path())?;
+        }
+    }
+    fsio::fsync_dir(&td.path)?;
+    state::registry::remove(&td.id);
+    Ok(())
+}
+
+/// `ferry status` of every transfer in `state_dir` (or in the registry).
+pub fn list(state_dir: Option<&Path>) -> Result<Vec<Status>> {
+    let tds = match state_dir {
+        Some(d) => state::list_dir(d)?,
+        None => {
+            let mut v = state::registry::all();
+            v.retain(|td| td.path.is_dir() && !td.forgotten());
+            v
+        }
+    };
+    Ok(tds.iter().map(status::status).collect())
+}

@@ -1,0 +1,14 @@
+//! ferry's integration tests: one binary, with the tree generator and the tree oracle in `util`.
+//! Multi-rank cases run as threads in this process (library) or as `ferry --ranks N` (CLI);
+//! crash cases kill the real binary or trip its failpoints (feature `failpoints`).
+
+mod util;
+
+mod bad_input;
+mod copy;
+#[cfg(feature = "failpoints")]
+mod crash;
+mod kill;
+mod layouts;
+#[cfg(feature = "failpoints")]
+mod lifecycle;

@@ -1,0 +1,330 @@
+//! Helpers: a seeded tree generator, a tree comparator (the oracle), and a way to run the real
+//! `ferry` binary with an isolated registry.
+
+#![allow(dead_code)]
+
+use std::ffi::OsString;
+use std::fs;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A small, seeded PRNG (xorshift64*), so every tree can be made again.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+}
+
+/// Write a file of `size` seeded bytes.
+pub fn write_file(path: &Path, size: u64, rng: &mut Rng) {
+    if let Some(p) = path.parent() {
+        fs::create_dir_all(p).unwrap();
+    }
+    let mut f = fs::File::create(path).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        rng.fill(&mut buf[..n]);
+        std::io::Write::write_all(&mut f, &buf[..n]).unwrap();
+        left -= n as u64;
+    }
+}
+
+/// Set a path's mtime (not following symlinks).
+pub fn set_mtime(path: &Path, secs: i64) {
+    ferry::fsio::set_times_nofollow(path, (secs, 123_456_789), (secs, 0)).unwrap();
+}
+
+/// The awkward tree of the issue: files of 0, 1, chunk-1, chunk, chunk+1 bytes and a larger one,
+/// nested and empty directories, symlinks (also dangling), names with spaces, UTF-8 and non-UTF-8
+/// bytes, unusual modes and old mtimes.
+pub fn awkward_tree(root: &Path, chunk: u64, big: u64, seed: u64) {
+    let mut r = Rng::new(seed);
+    fs::create_dir_all(root).unwrap();
+    let sizes = [0, 1, chunk - 1, chunk, chunk + 1, 3 * chunk + 17, big];
+    for (i, s) in sizes.iter().enumerate() {
+        write_file(&root.join(format!("f{i}_{s}")), *s, &mut r);
+    }
+    write_file(&root.join("deep/er/still deeper/file with spaces.dat"), chunk + 5, &mut r);
+    write_file(&root.join("deep/ünïcødé 名前.bin"), 777, &mut r);
+    let raw = OsString::from_vec(vec![b'r', b'a', b'w', 0xff, 0xfe, b'.', b'b']);
+    write_file(&root.join("deep").join(&raw), 4096, &mut r);
+    fs::create_dir_all(root.join("empty dir")).unwrap();
+    fs::create_dir_all(root.join("deep/er/empty")).unwrap();
+    std::os::unix::fs::symlink("f1_1", root.join("link to f1")).unwrap();
+    std::os::unix::fs::symlink("../no/such/target", root.join("deep/dangling")).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", root.join("absolute link")).unwrap();
+    let ro = root.join("read only.txt");
+    write_file(&ro, 100, &mut r);
+    fs::set_permissions(&ro, fs::Permissions::from_mode(0o444)).unwrap();
+    let ex = root.join("deep/run.sh");
+    write_file(&ex, 10, &mut r);
+    fs::set_permissions(&ex, fs::Permissions::from_mode(0o750)).unwrap();
+    fs::set_permissions(root.join("deep/er"), fs::Permissions::from_mode(0o705)).unwrap();
+    set_mtime(&root.join("f1_1"), 1_000_000_000);
+    set_mtime(&root.join("deep/er"), 1_100_000_000);
+    set_mtime(&root.join("link to f1"), 1_200_000_000);
+}
+
+/// Many small files in a few directories.
+pub fn small_files(root: &Path, dirs: usize, per_dir: usize, size: u64, seed: u64) {
+    let mut r = Rng::new(seed);
+    for d in 0..dirs {
+        for f in 0..per_dir {
+            let s = if size == 0 { 0 } else { 1 + r.below(size) };
+            write_file(&root.join(format!("d{d:03}/f{f:04}")), s, &mut r);
+        }
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum Node {
+    Dir { mode: u32, mtime: i64 },
+    File { mode: u32, mtime: (i64, i64), data: Vec<u8> },
+    Link { target: PathBuf },
+}
+
+fn collect(root: &Path, rel: &Path, out: &mut Vec<(Vec<u8>, Node)>, top: bool) {
+    let p = root.join(rel);
+    let md = fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let key = rel.as_os_str().as_bytes().to_vec();
+    if md.file_type().is_symlink() {
+        out.push((key, Node::Link { target: fs::read_link(&p).unwrap() }));
+    } else if md.is_file() {
+        out.push((
+            key,
+            Node::File {
+                mode: md.mode() & 0o7777,
+                mtime: (md.mtime(), md.mtime_nsec()),
+                data: fs::read(&p).unwrap(),
+            },
+        ));
+    } else if md.is_dir() {
+        if !top {
+            out.push((key, Node::Dir { mode: md.mode() & 0o7777, mtime: md.mtime() }));
+        }
+        let mut names: Vec<OsString> =
+            fs::read_dir(&p).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        for n in names {
+            if top && n == ".ferry" {
+                continue;
+            }
+            collect(root, &rel.join(&n), out, false);
+        }
+    }
+}
+
+/// Differences between two trees (contents, symlink targets, modes, file mtimes, directory modes
+/// and mtimes), ignoring a top-level `.ferry`. Empty means identical.
+pub fn diff_trees(a: &Path, b: &Path) -> Vec<String> {
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    collect(a, Path::new(""), &mut x, true);
+    collect(b, Path::new(""), &mut y, true);
+    let mut out = Vec::new();
+    let xs: std::collections::BTreeMap<_, _> = x.into_iter().collect();
+    let ys: std::collections::BTreeMap<_, _> = y.into_iter().collect();
+    for (k, v) in &xs {
+        let name = String::from_utf8_lossy(k);
+        match ys.get(k) {
+            None => out.push(format!("missing in destination: {name}")),
+            Some(w) if w != v => out.push(format!("differs: {name}: {}", describe(v, w))),
+            _ => {}
+        }
+    }
+    for k in ys.keys() {
+        if !xs.contains_key(k) {
+            out.push(format!("extra in destination: {}", String::from_utf8_lossy(k)));
+        }
+    }
+    out
+}
+
+fn describe(a: &Node, b: &Node) -> String {
+    match (a, b) {
+        (Node::File { mode: m1, mtime: t1, data: d1 }, Node::File { mode: m2, mtime: t2, data: d2 }) => {
+            format!(
+                "mode {m1:o}/{m2:o} mtime {t1:?}/{t2:?} size {}/{} same-bytes {}",
+                d1.len(),
+                d2.len(),
+                d1 == d2
+            )
+        }
+        _ => format!("{a:?} vs {b:?}").chars().take(300).collect(),
+    }
+}
+
+pub fn assert_same_tree(a: &Path, b: &Path) {
+    let d = diff_trees(a, b);
+    assert!(d.is_empty(), "trees differ:\n{}", d.join("\n"));
+}
+
+/// A scratch directory with its own ferry registry (FERRY_HOME), so tests never see each other.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        let base = std::env::var_os("FERRY_TEST_TMP")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        fs::create_dir_all(&base).unwrap();
+        Scratch {
+            dir: tempfile::Builder::new().prefix("ferry-it-").tempdir_in(base).unwrap(),
+        }
+    }
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+    pub fn home(&self) -> PathBuf {
+        self.path("home")
+    }
+    /// The ferry binary with this scratch's registry.
+    pub fn ferry(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
+        c.env("FERRY_HOME", self.home())
+            .env_remove("FERRY_FAILPOINTS")
+            .env_remove("FERRY_STATE_DIR")
+            .env("FERRY_FAILPOINTS_GATE", self.path("gate"))
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null());
+        c
+    }
+    /// Run ferry with `args`, returning its output.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.ferry().args(args).output().unwrap()
+    }
+    /// Open the gate of a paused failpoint.
+    pub fn release(&self) {
+        let _ = fs::remove_file(self.path("gate.paused"));
+        fs::write(self.path("gate"), b"go").unwrap();
+    }
+    /// Wait until a `pause` failpoint was reached (it leaves `gate.paused`).
+    pub fn wait_paused(&self, child: &mut Child) {
+        wait_for(Duration::from_secs(60), || {
+            if let Ok(Some(s)) = child.try_wait() {
+                panic!("ferry exited ({s}) before reaching its pause failpoint");
+            }
+            self.path("gate.paused").exists()
+        });
+    }
+}
+
+/// Poll `cond` until it holds (observing, not sleeping a fixed time); panic after `limit`.
+pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < limit, "condition not reached within {limit:?}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+pub fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Assert an exit code, showing stderr when it is not.
+#[track_caller]
+pub fn expect_code(o: &Output, want: i32) {
+    assert_eq!(code(o), want, "exit code; stderr:\n{}\nstdout:\n{}", stderr(o), stdout(o));
+}
+
+/// The first line of stdout: the transfer id.
+pub fn id_of(o: &Output) -> String {
+    stdout(o).lines().next().unwrap_or_default().trim().to_string()
+}
+
+/// `ferry status --json` parsed.
+pub fn status(s: &Scratch, id: &str, state_dir: &Path) -> serde_json::Value {
+    let o = s.run(&["status", id, "--state-dir", state_dir.to_str().unwrap(), "--json"]);
+    expect_code(&o, 0);
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// Every file at a final name in `dst` (ignoring ferry's temporaries and state) is either absent
+/// or complete and byte-identical to its source in `src`: invariant 2.
+pub fn assert_no_torn_finals(src: &Path, dst: &Path) {
+    fn walk(src: &Path, dst: &Path, rel: &Path) {
+        let d = dst.join(rel);
+        let Ok(rd) = fs::read_dir(&d) else { return };
+        for e in rd {
+            let e = e.unwrap();
+            let name = e.file_name();
+            let nb = name.as_bytes();
+            if rel.as_os_str().is_empty() && nb == b".ferry" {
+                continue;
+            }
+            if nb.starts_with(b".ferry-") && nb.ends_with(b".tmp") {
+                continue;
+            }
+            let r = rel.join(&name);
+            let md = fs::symlink_metadata(dst.join(&r)).unwrap();
+            if md.is_dir() {
+                walk(src, dst, &r);
+            } else if md.is_file() {
+                let want = fs::read(src.join(&r)).unwrap();
+                let got = fs::read(dst.join(&r)).unwrap();
+                assert!(
+                    want == got,
+                    "torn or wrong file at a final name: {} ({} of {} bytes)",
+                    r.display(),
+                    got.len(),
+                    want.len()
+                );
+            }
+        }
+    }
+    walk(src, dst, Path::new(""));
+}
+
+/// Temporary files ferry left in a tree.
+pub fn temps_in(dst: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dst.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd {
+            let e = e.unwrap();
+            let p = e.path();
+            let n = e.file_name();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(p);
+            } else if n.as_bytes().starts_with(b".ferry-") && n.as_bytes().ends_with(b".tmp") {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
