@@ -121,8 +121,8 @@ struct Shared {
 }
 
 /// N ranks as threads of one process. Make the handles with [`ThreadComm::create`] and move one
-/// into each rank's thread. A rank whose thread panics marks the group dead, so its peers fail
-/// with `interrupted` instead of waiting forever.
+/// into each rank's thread. A rank whose handle is dropped (it returned or panicked) marks the
+/// group dead, so peers still waiting for a collective fail with `interrupted` instead of hanging.
 pub struct ThreadComm {
     rank: usize,
     shared: Arc<Shared>,
@@ -153,18 +153,18 @@ impl ThreadComm {
     fn peer_died(rank: usize) -> Error {
         Error::new(
             ErrorClass::Interrupted,
-            format!("peer rank {rank} died during a collective"),
+            format!("peer rank {rank} stopped and left the collective"),
         )
     }
 }
 
 impl Drop for ThreadComm {
+    /// A rank that leaves (returns or panics) can join no further collective: peers that wait for
+    /// one fail with `interrupted` instead of hanging. Rounds it already joined still complete.
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            let mut r = self.shared.round.lock().unwrap_or_else(|e| e.into_inner());
-            r.dead = Some(self.rank);
-            self.shared.cv.notify_all();
-        }
+        let mut r = self.shared.round.lock().unwrap_or_else(|e| e.into_inner());
+        r.dead.get_or_insert(self.rank);
+        self.shared.cv.notify_all();
     }
 }
 
@@ -284,6 +284,19 @@ mod tests {
         });
         assert!(res.iter().all(|r| r.is_err()));
         assert_eq!(res[0].as_ref().unwrap_err().class, ErrorClass::Interrupted);
+    }
+
+    #[test]
+    fn a_rank_that_returns_early_does_not_hang_its_peers() {
+        let res = run_threads(3, |c| {
+            c.barrier()?;
+            if c.rank() == 1 {
+                return Err(Error::internal("left early"));
+            }
+            c.barrier()
+        });
+        assert_eq!(res[0].as_ref().unwrap_err().class, ErrorClass::Interrupted);
+        assert_eq!(res[2].as_ref().unwrap_err().class, ErrorClass::Interrupted);
     }
 
     #[test]

@@ -24,8 +24,7 @@ use crate::state::{self, names, TransferDir};
 
 /// Entries of `kind` that rank `me` of `n` owns, in plan order.
 fn owned(plan: &Plan, me: usize, n: usize, kind: Kind) -> impl Iterator<Item = usize> + '_ {
-    (0..plan.entries.len())
-        .filter(move |&e| plan.entries[e].kind == kind && plan.owner(e, n) == me)
+    (0..plan.entries.len()).filter(move |&e| plan.entries[e].kind == kind && plan.owner(e, n) == me)
 }
 
 /// Rename the temporary files and symlinks this rank owns to their final names.
@@ -43,7 +42,10 @@ pub fn finalize_entries(plan: &Plan, me: usize, n: usize) -> Result<()> {
                 dirs.insert(fsio::parent_of(&ent.dst).to_path_buf());
             }
             Ok(_) => {
-                return Err(Error::integrity(&tmp, "temporary name is not a regular file"))
+                return Err(Error::integrity(
+                    &tmp,
+                    "temporary name is not a regular file",
+                ))
             }
             // Renamed by an earlier run after the decision; check_finals looks at it.
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -94,8 +96,10 @@ pub fn check_finals(plan: &Plan, me: usize, n: usize) -> Result<()> {
         let ent = &plan.entries[e];
         let t = fs::read_link(&ent.dst).ctx("readlink", &ent.dst)?;
         if Some(&t) != ent.target.as_ref() {
-            return Err(Error::integrity(&ent.dst, "final symlink has another target")
-                .with_op("commit-check"));
+            return Err(
+                Error::integrity(&ent.dst, "final symlink has another target")
+                    .with_op("commit-check"),
+            );
         }
     }
     Ok(())

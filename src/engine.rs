@@ -179,7 +179,16 @@ fn copy_unit(job: &CopyJob, u: u32) -> Result<(UnitDone, Option<PathBuf>)> {
         if buf.len() < BUF_SIZE {
             buf.resize(BUF_SIZE, 0);
         }
-        copy_range(job, &src, &e.src, &dst, &tmp, unit.offset, unit.len, &mut buf)
+        copy_range(
+            job,
+            &src,
+            &e.src,
+            &dst,
+            &tmp,
+            unit.offset,
+            unit.len,
+            &mut buf,
+        )
     })?;
     failpoints::io("copy::unit_written", &tmp)?;
     fsio::sync_data(&dst, &tmp)?;
@@ -268,7 +277,10 @@ pub fn verify_units(
                 let want = ((end - pos) as usize).min(buf.len());
                 let n = read_at_retry(&f, &path, &mut buf[..want], pos)?;
                 if n == 0 {
-                    return Err(Error::integrity(&path, "destination is shorter than planned"));
+                    return Err(Error::integrity(
+                        &path,
+                        "destination is shorter than planned",
+                    ));
                 }
                 h.update(&buf[..n]);
                 pos += n as u64;

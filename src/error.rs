@@ -208,8 +208,12 @@ impl Error {
             ErrorClass::Transient | ErrorClass::Interrupted => {
                 "the transfer is resumable: run `ferry resume <ID>`"
             }
-            ErrorClass::Cancelled => "the transfer was cancelled; start a new one with `ferry copy`",
-            ErrorClass::Resource => "free space or raise the limit on that tier, then `ferry resume <ID>`",
+            ErrorClass::Cancelled => {
+                "the transfer was cancelled; start a new one with `ferry copy`"
+            }
+            ErrorClass::Resource => {
+                "free space or raise the limit on that tier, then `ferry resume <ID>`"
+            }
             ErrorClass::Permission => "fix the permissions of that path, then `ferry resume <ID>`",
             ErrorClass::NotFound => "restore the missing path, then `ferry resume <ID>`",
             ErrorClass::Integrity => {
@@ -266,15 +270,42 @@ mod tests {
 
     #[test]
     fn errno_classes_follow_the_brief() {
-        assert_eq!(ErrorClass::from_errno(libc::ENOSPC, "write"), ErrorClass::Resource);
-        assert_eq!(ErrorClass::from_errno(libc::EDQUOT, "write"), ErrorClass::Resource);
-        assert_eq!(ErrorClass::from_errno(libc::EMFILE, "open"), ErrorClass::Resource);
-        assert_eq!(ErrorClass::from_errno(libc::EACCES, "open"), ErrorClass::Permission);
-        assert_eq!(ErrorClass::from_errno(libc::EROFS, "open"), ErrorClass::Permission);
-        assert_eq!(ErrorClass::from_errno(libc::ENOENT, "open"), ErrorClass::NotFound);
-        assert_eq!(ErrorClass::from_errno(libc::EINTR, "read"), ErrorClass::Transient);
-        assert_eq!(ErrorClass::from_errno(libc::EIO, "read"), ErrorClass::Transient);
-        assert_eq!(ErrorClass::from_errno(libc::EIO, "fsync"), ErrorClass::Resource);
+        assert_eq!(
+            ErrorClass::from_errno(libc::ENOSPC, "write"),
+            ErrorClass::Resource
+        );
+        assert_eq!(
+            ErrorClass::from_errno(libc::EDQUOT, "write"),
+            ErrorClass::Resource
+        );
+        assert_eq!(
+            ErrorClass::from_errno(libc::EMFILE, "open"),
+            ErrorClass::Resource
+        );
+        assert_eq!(
+            ErrorClass::from_errno(libc::EACCES, "open"),
+            ErrorClass::Permission
+        );
+        assert_eq!(
+            ErrorClass::from_errno(libc::EROFS, "open"),
+            ErrorClass::Permission
+        );
+        assert_eq!(
+            ErrorClass::from_errno(libc::ENOENT, "open"),
+            ErrorClass::NotFound
+        );
+        assert_eq!(
+            ErrorClass::from_errno(libc::EINTR, "read"),
+            ErrorClass::Transient
+        );
+        assert_eq!(
+            ErrorClass::from_errno(libc::EIO, "read"),
+            ErrorClass::Transient
+        );
+        assert_eq!(
+            ErrorClass::from_errno(libc::EIO, "fsync"),
+            ErrorClass::Resource
+        );
     }
 
     #[test]

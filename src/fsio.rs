@@ -190,7 +190,12 @@ pub fn remove_file(path: &Path) -> Result<bool> {
 
 /// Apply a mode and times to a file or directory by path (not following a final symlink for
 /// times). Durability comes from the caller's [`sync_all`] / [`fsync_dir`].
-pub fn set_mode_and_times(path: &Path, mode: Option<u32>, mtime: (i64, u32), atime: (i64, u32)) -> Result<()> {
+pub fn set_mode_and_times(
+    path: &Path,
+    mode: Option<u32>,
+    mtime: (i64, u32),
+    atime: (i64, u32),
+) -> Result<()> {
     if let Some(mode) = mode {
         fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o7777)).ctx("chmod", path)?;
     }
@@ -293,6 +298,9 @@ mod tests {
         let (_, created) = open_temp(&p).unwrap();
         assert!(!created);
         assert_eq!(fs::read(&p).unwrap(), b"abc");
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 }

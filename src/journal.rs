@@ -228,7 +228,8 @@ pub fn scan(td: &TransferDir, plan: &Plan, plan_crc: u32) -> Result<Scan> {
 
 fn check_header(bytes: &[u8], path: &Path, plan_crc: u32) -> Result<()> {
     let bad = |why: &str| {
-        Error::integrity(path, format!("journal header is unreadable ({why})")).with_op("read-state")
+        Error::integrity(path, format!("journal header is unreadable ({why})"))
+            .with_op("read-state")
     };
     if bytes.len() < RECORD_SIZE {
         return Err(bad("file too short"));

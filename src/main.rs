@@ -170,7 +170,11 @@ impl log::Log for Logger {
             log::Level::Debug => "debug",
             log::Level::Trace => "trace",
         };
-        let _ = writeln!(std::io::stderr(), "ferry r{rank}/{size} {level}: {}", r.args());
+        let _ = writeln!(
+            std::io::stderr(),
+            "ferry r{rank}/{size} {level}: {}",
+            r.args()
+        );
     }
     fn flush(&self) {}
 }
@@ -482,7 +486,10 @@ fn report(sum: &Summary, out: &Output) {
             human(sum.bytes_copied),
             human(sum.bytes_reused),
             if sum.records_discarded > 0 {
-                format!("; {} damaged journal record(s) discarded", sum.records_discarded)
+                format!(
+                    "; {} damaged journal record(s) discarded",
+                    sum.records_discarded
+                )
             } else {
                 String::new()
             }
@@ -523,7 +530,10 @@ fn print_status(st: &Status) {
         println!("  finished  {f}");
     }
     if let Some(r) = st.sources_removed {
-        println!("  sources   {}", if r { "removed" } else { "not yet removed" });
+        println!(
+            "  sources   {}",
+            if r { "removed" } else { "not yet removed" }
+        );
     }
     if let Some(e) = &st.error {
         println!("  error     {e}");

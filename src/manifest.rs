@@ -158,7 +158,11 @@ pub fn verify(m: &Manifest) -> Vec<Error> {
             if md.mode() & 0o7777 != f.mode {
                 return Some(Error::integrity(
                     &f.path,
-                    format!("mode is {:o}, the manifest says {:o}", md.mode() & 0o7777, f.mode),
+                    format!(
+                        "mode is {:o}, the manifest says {:o}",
+                        md.mode() & 0o7777,
+                        f.mode
+                    ),
                 ));
             }
             match crc_of_file(&f.path) {
@@ -176,7 +180,11 @@ pub fn verify(m: &Manifest) -> Vec<Error> {
             Ok(t) if t == l.target => {}
             Ok(t) => problems.push(Error::integrity(
                 &l.path,
-                format!("symlink points to '{}', the manifest says '{}'", t.display(), l.target.display()),
+                format!(
+                    "symlink points to '{}', the manifest says '{}'",
+                    t.display(),
+                    l.target.display()
+                ),
             )),
             Err(e) => problems.push(Error::io("readlink", &l.path, e)),
         }

@@ -308,7 +308,13 @@ fn time_of(secs: i64, nsec: i64) -> (i64, u32) {
     (secs, nsec.clamp(0, 999_999_999) as u32)
 }
 
-fn entry_from(kind: Kind, src: &Path, dst: &Path, md: &fs::Metadata, holder: Option<usize>) -> Entry {
+fn entry_from(
+    kind: Kind,
+    src: &Path,
+    dst: &Path,
+    md: &fs::Metadata,
+    holder: Option<usize>,
+) -> Entry {
     Entry {
         kind,
         src: src.to_path_buf(),
@@ -332,7 +338,11 @@ pub struct WalkReport {
 /// Map sources to destination roots: one directory source becomes `dest` itself; one file source
 /// becomes `dest` (or `dest/NAME` when `dest` ends in `/` or is an existing directory); several
 /// sources go into `dest/NAME` each.
-pub fn roots(sources: &[PathBuf], dest: &Path, dest_typed: &OsStr) -> Result<Vec<(PathBuf, PathBuf)>> {
+pub fn roots(
+    sources: &[PathBuf],
+    dest: &Path,
+    dest_typed: &OsStr,
+) -> Result<Vec<(PathBuf, PathBuf)>> {
     let mut out = Vec::new();
     let dest_is_dir = dest_typed.as_bytes().ends_with(b"/") || dest.is_dir();
     for s in sources {
@@ -340,7 +350,10 @@ pub fn roots(sources: &[PathBuf], dest: &Path, dest_typed: &OsStr) -> Result<Vec
             Error::io("stat", s, e).context("source does not exist or cannot be read")
         })?;
         let name = s.file_name().ok_or_else(|| {
-            Error::usage(format!("source '{}' has no name to copy under", s.display()))
+            Error::usage(format!(
+                "source '{}' has no name to copy under",
+                s.display()
+            ))
         })?;
         let d = if sources.len() > 1 || (!md.is_dir() && dest_is_dir) {
             dest.join(name)
@@ -414,7 +427,10 @@ fn walk_dir(
             e.target = Some(fs::read_link(&s).ctx("readlink", &s)?);
             out.push(e);
         } else {
-            log::warn!("skipping '{}': not a file, directory or symlink", s.display());
+            log::warn!(
+                "skipping '{}': not a file, directory or symlink",
+                s.display()
+            );
             report.skipped.push(s);
         }
     }
@@ -513,14 +529,27 @@ mod tests {
     #[test]
     fn files_are_cut_at_the_chunk_size() {
         let c = 100;
-        let es = vec![file(0, 0), file(1, 1), file(2, 99), file(3, 100), file(4, 101), file(5, 350)];
+        let es = vec![
+            file(0, 0),
+            file(1, 1),
+            file(2, 99),
+            file(3, 100),
+            file(4, 101),
+            file(5, 350),
+        ];
         let u = make_units(&es, c);
-        let per: Vec<usize> = (0..6).map(|i| u.iter().filter(|x| x.entry == i).count()).collect();
+        let per: Vec<usize> = (0..6)
+            .map(|i| u.iter().filter(|x| x.entry == i).count())
+            .collect();
         assert_eq!(per, vec![1, 1, 1, 1, 2, 4]);
         let last: Vec<&Unit> = u.iter().filter(|x| x.entry == 5).collect();
         assert_eq!((last[3].offset, last[3].len), (300, 50));
         for (i, e) in es.iter().enumerate() {
-            let sum: u64 = u.iter().filter(|x| x.entry == i as u32).map(|x| x.len).sum();
+            let sum: u64 = u
+                .iter()
+                .filter(|x| x.entry == i as u32)
+                .map(|x| x.len)
+                .sum();
             assert_eq!(sum, e.size);
         }
     }
@@ -528,8 +557,21 @@ mod tests {
     #[test]
     fn shared_assignment_balances_bytes_within_one_chunk() {
         let chunk = 1 << 20;
-        let sizes = [5u64 << 20, 3 << 20, 1, 7 << 19, 12345, 0, 9 << 20, 100, 2 << 20];
-        let p = plan(sizes.iter().enumerate().map(|(i, &s)| file(i, s)).collect(), chunk);
+        let sizes = [
+            5u64 << 20,
+            3 << 20,
+            1,
+            7 << 19,
+            12345,
+            0,
+            9 << 20,
+            100,
+            2 << 20,
+        ];
+        let p = plan(
+            sizes.iter().enumerate().map(|(i, &s)| file(i, s)).collect(),
+            chunk,
+        );
         let all: Vec<u32> = (0..p.units.len() as u32).collect();
         for n in 1..=8 {
             let a = p.assign(&all, n).unwrap();
@@ -570,7 +612,10 @@ mod tests {
 
     #[test]
     fn rank_placeholder() {
-        assert_eq!(subst_rank(OsStr::new("/bb/{rank}/x{rank}"), 7), PathBuf::from("/bb/7/x7"));
+        assert_eq!(
+            subst_rank(OsStr::new("/bb/{rank}/x{rank}"), 7),
+            PathBuf::from("/bb/7/x7")
+        );
         assert!(has_rank(OsStr::new("/a/{rank}")));
         assert!(!has_rank(OsStr::new("/a/{ran}")));
     }
@@ -584,7 +629,11 @@ mod tests {
         b.dst = a.dst.clone();
         let e = check_paths(&[a, b], &[]).unwrap_err();
         assert_eq!(e.class, ErrorClass::Usage);
-        assert!(e.message.contains("rank 0") && e.message.contains("rank 1"), "{}", e.message);
+        assert!(
+            e.message.contains("rank 0") && e.message.contains("rank 1"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

@@ -23,7 +23,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "mb" => 1_000_000,
         "gb" => 1_000_000_000,
         "tb" => 1_000_000_000_000,
-        _ => return Err(format!("'{s}': unknown unit '{unit}' (use K, M, G, KiB, MiB, GiB)")),
+        _ => {
+            return Err(format!(
+                "'{s}': unknown unit '{unit}' (use K, M, G, KiB, MiB, GiB)"
+            ))
+        }
     };
     let v: f64 = num
         .parse()

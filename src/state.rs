@@ -196,8 +196,11 @@ pub fn read_record<T: DeserializeOwned>(path: &Path, kind: &str) -> Result<Optio
     };
     let body = unframe(kind, &bytes, path)?;
     serde_json::from_slice(body).map(Some).map_err(|e| {
-        Error::integrity(path, format!("state file is unreadable ({e}); it was not trusted"))
-            .with_op("read-state")
+        Error::integrity(
+            path,
+            format!("state file is unreadable ({e}); it was not trusted"),
+        )
+        .with_op("read-state")
     })
 }
 
@@ -208,14 +211,44 @@ pub fn now() -> String {
 
 /// `user@host` of this process.
 pub fn who() -> (String, String) {
+    let uid = rustix::process::getuid().as_raw();
     let user = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| format!("uid{}", rustix::process::getuid().as_raw()));
+        .ok()
+        .filter(|u| !u.is_empty())
+        .or_else(|| user_name(uid))
+        .unwrap_or_else(|| format!("uid{uid}"));
     let host = rustix::system::uname()
         .nodename()
         .to_string_lossy()
         .into_owned();
     (user, host)
+}
+
+/// The login name of `uid` from the password database.
+fn user_name(uid: u32) -> Option<String> {
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: getpwuid_r writes only into `pwd` and `buf` (whose length it is given) and sets
+    // `result` to null or to `&pwd`; pw_name then points into `buf`, valid while `buf` lives.
+    unsafe {
+        let mut pwd: libc::passwd = std::mem::zeroed();
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        let rc = libc::getpwuid_r(
+            uid,
+            &mut pwd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        );
+        if rc != 0 || result.is_null() || pwd.pw_name.is_null() {
+            return None;
+        }
+        Some(
+            std::ffi::CStr::from_ptr(pwd.pw_name)
+                .to_string_lossy()
+                .into_owned(),
+        )
+    }
 }
 
 /// A fresh transfer id: time of day plus random bits (`20261122T054417-3fa9c1`).
@@ -357,9 +390,8 @@ pub mod registry {
     /// Remember where transfer `id` keeps its state (best effort: a failure is logged).
     pub fn register(td: &TransferDir) {
         let Some(p) = entry(&td.id) else { return };
-        let res = create_private_dir(fsio::parent_of(&p)).and_then(|_| {
-            fsio::write_atomic(&p, crate::pathser::encode(&td.path).as_bytes())
-        });
+        let res = create_private_dir(fsio::parent_of(&p))
+            .and_then(|_| fsio::write_atomic(&p, crate::pathser::encode(&td.path).as_bytes()));
         if let Err(e) = res {
             log::debug!("could not record transfer {} in the registry: {e}", td.id);
         }
@@ -505,7 +537,15 @@ mod tests {
     fn framed_records_detect_damage() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("rec");
-        write_record(&p, "decision", &Decision { time: "t".into(), attempt: 3 }).unwrap();
+        write_record(
+            &p,
+            "decision",
+            &Decision {
+                time: "t".into(),
+                attempt: 3,
+            },
+        )
+        .unwrap();
         let back: Decision = read_record(&p, "decision").unwrap().unwrap();
         assert_eq!(back.attempt, 3);
         let mut bytes = fs::read(&p).unwrap();
@@ -517,7 +557,9 @@ mod tests {
         assert_eq!(e.path.as_deref(), Some(p.as_path()));
         fs::write(&p, &bytes[..n / 2]).unwrap();
         assert!(read_record::<Decision>(&p, "decision").is_err());
-        assert!(read_record::<Decision>(&d.path().join("none"), "decision").unwrap().is_none());
+        assert!(read_record::<Decision>(&d.path().join("none"), "decision")
+            .unwrap()
+            .is_none());
     }
 
     #[test]

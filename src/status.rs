@@ -142,16 +142,21 @@ impl Status {
 /// Read the plan of a transfer: its body bytes' CRC and the plan.
 pub fn read_plan(td: &TransferDir) -> Result<(Plan, u32)> {
     let path = td.file(names::PLAN);
-    let bytes = std::fs::read(&path).map_err(|e| {
-        Error::io("read", &path, e).context("the transfer's plan cannot be read")
-    })?;
+    let bytes = std::fs::read(&path)
+        .map_err(|e| Error::io("read", &path, e).context("the transfer's plan cannot be read"))?;
     let body = state::unframe("plan", &bytes, &path)?;
     let plan: Plan = serde_json::from_slice(body).map_err(|e| {
-        Error::integrity(&path, format!("plan is unreadable ({e}); it was not trusted"))
-            .with_op("read-state")
+        Error::integrity(
+            &path,
+            format!("plan is unreadable ({e}); it was not trusted"),
+        )
+        .with_op("read-state")
     })?;
     if plan.format != crate::plan::FORMAT {
-        return Err(Error::integrity(&path, format!("plan format {} is not supported", plan.format)));
+        return Err(Error::integrity(
+            &path,
+            format!("plan format {} is not supported", plan.format),
+        ));
     }
     if plan.id != td.id {
         return Err(Error::integrity(

@@ -223,7 +223,13 @@ pub fn copy(comm: &dyn Comm, opts: &CopyOptions, run: &RunOptions) -> Result<Sum
     let result = (|| {
         let walked = match layout {
             Layout::Shared if me != 0 => Ok(Vec::new()),
-            _ => walk_mine(&srcs, &dst, &td, (layout == Layout::Local).then_some(me), opts),
+            _ => walk_mine(
+                &srcs,
+                &dst,
+                &td,
+                (layout == Layout::Local).then_some(me),
+                opts,
+            ),
         };
         let walked = agree(comm, walked.and_then(|w| encode(&w)))?;
         let all = comm.gather(0, &walked)?;
@@ -259,7 +265,10 @@ pub fn copy(comm: &dyn Comm, opts: &CopyOptions, run: &RunOptions) -> Result<Sum
     execute(comm, &td, &plan, crc, run, lock)
 }
 
-fn resolve_inputs(opts: &CopyOptions, me: usize) -> Result<(Layout, Vec<PathBuf>, (PathBuf, OsString))> {
+fn resolve_inputs(
+    opts: &CopyOptions,
+    me: usize,
+) -> Result<(Layout, Vec<PathBuf>, (PathBuf, OsString))> {
     if opts.sources.is_empty() {
         return Err(Error::usage("no source given: ferry copy SRC... DST"));
     }
@@ -270,7 +279,11 @@ fn resolve_inputs(opts: &CopyOptions, me: usize) -> Result<(Layout, Vec<PathBuf>
         return Err(Error::usage("--threads must be at least 1"));
     }
     let src_rank = opts.sources.iter().any(|s| plan::has_rank(s));
-    let layout = opts.layout.unwrap_or(if src_rank { Layout::Local } else { Layout::Shared });
+    let layout = opts.layout.unwrap_or(if src_rank {
+        Layout::Local
+    } else {
+        Layout::Shared
+    });
     if layout == Layout::Shared && (src_rank || plan::has_rank(&opts.dest)) {
         return Err(Error::usage(
             "{rank} in SRC or DST needs --layout local (each rank copies its own files)",
@@ -375,7 +388,13 @@ fn walk_mine(
     Ok(entries)
 }
 
-fn make_plan(opts: &CopyOptions, layout: Layout, td: &TransferDir, n: usize, entries: Vec<Entry>) -> Plan {
+fn make_plan(
+    opts: &CopyOptions,
+    layout: Layout,
+    td: &TransferDir,
+    n: usize,
+    entries: Vec<Entry>,
+) -> Plan {
     let (user, host) = state::who();
     let units = plan::make_units(&entries, opts.chunk_size);
     Plan {
@@ -402,7 +421,12 @@ fn make_plan(opts: &CopyOptions, layout: Layout, td: &TransferDir, n: usize, ent
 }
 
 /// Run `ferry resume` on this rank.
-pub fn resume(comm: &dyn Comm, id: &str, state_dir: Option<&Path>, run: &RunOptions) -> Result<Summary> {
+pub fn resume(
+    comm: &dyn Comm,
+    id: &str,
+    state_dir: Option<&Path>,
+    run: &RunOptions,
+) -> Result<Summary> {
     let mut lock = None;
     let got = from_root(comm, || {
         let td = state::locate(id, state_dir)?;
@@ -457,8 +481,11 @@ fn read_known(td: &TransferDir, plan: &Plan, crc: u32) -> Result<Known> {
     if commit.is_none() && fsio::remove_file(&td.file(names::OUTCOME))? {
         fsio::fsync_dir(&td.path)?;
     }
-    let mut records: Vec<(u32, u64, u32)> =
-        scan.units.values().map(|r| (r.unit, r.len, r.crc)).collect();
+    let mut records: Vec<(u32, u64, u32)> = scan
+        .units
+        .values()
+        .map(|r| (r.unit, r.len, r.crc))
+        .collect();
     records.sort_unstable();
     Ok(Known {
         committed: commit.is_some(),
@@ -563,7 +590,9 @@ fn execute(
     }
     let stopper = Stopper::new(td.file(names::CANCEL_REQUEST));
     let progress = engine::progress_or_default(run.progress.as_ref());
-    let res = run_phases(comm, td, plan, crc, run, &known, &stopper, &progress, &mut sum);
+    let res = run_phases(
+        comm, td, plan, crc, run, &known, &stopper, &progress, &mut sum,
+    );
     let res = match res {
         Ok(()) => Ok(()),
         Err(e) if e.class == ErrorClass::Cancelled => {
@@ -617,7 +646,10 @@ fn run_phases(
     let pool = agree(comm, engine::pool(threads))?;
 
     // Which journaled units are still durable where the journal says.
-    let mine_ok = agree(comm, still_durable(plan, known, me, n).and_then(|v| encode(&v)))?;
+    let mine_ok = agree(
+        comm,
+        still_durable(plan, known, me, n).and_then(|v| encode(&v)),
+    )?;
     let mut crcs: HashMap<u32, u32> = HashMap::new();
     let journaled: HashMap<u32, u32> = known.records.iter().map(|&(u, _, c)| (u, c)).collect();
     for b in comm.allgather(&mine_ok)? {
@@ -760,10 +792,16 @@ fn run_phases(
 fn delete_sources(comm: &dyn Comm, td: &TransferDir, plan: &Plan) -> Result<()> {
     let (me, n) = (comm.rank(), comm.size());
     agree(comm, commit::delete_source_files(plan, me, n))?;
-    let kept = agree(comm, commit::delete_source_dirs(plan, me, n).and_then(|k| encode(&k
-        .iter()
-        .map(|p| crate::pathser::encode(p))
-        .collect::<Vec<_>>())))?;
+    let kept = agree(
+        comm,
+        commit::delete_source_dirs(plan, me, n).and_then(|k| {
+            encode(
+                &k.iter()
+                    .map(|p| crate::pathser::encode(p))
+                    .collect::<Vec<_>>(),
+            )
+        }),
+    )?;
     let all = comm.gather(0, &kept)?;
     let rec = if me == 0 {
         (|| {
@@ -852,7 +890,10 @@ fn cancel_offline(td: &TransferDir, req: &state::Cancelled) -> Result<CancelOutc
     let _lock = Lock::acquire(td)?;
     let (plan, _) = status::read_plan(td)?;
     if td.file(names::COMMIT).exists() {
-        return Err(Error::usage(format!("transfer {} is already committed", td.id)));
+        return Err(Error::usage(format!(
+            "transfer {} is already committed",
+            td.id
+        )));
     }
     if td.file(names::DECISION).exists() {
         let _ = fsio::remove_file(&td.file(names::CANCEL_REQUEST));
@@ -875,12 +916,13 @@ fn cancel_offline(td: &TransferDir, req: &state::Cancelled) -> Result<CancelOutc
 
 /// `ferry verify`: re-read a committed destination and compare with its manifest.
 pub fn verify(td: &TransferDir) -> Result<manifest::Manifest> {
-    let rec: CommitRecord = state::read_record(&td.file(names::COMMIT), "commit")?.ok_or_else(|| {
-        Error::usage(format!(
+    let rec: CommitRecord =
+        state::read_record(&td.file(names::COMMIT), "commit")?.ok_or_else(|| {
+            Error::usage(format!(
             "transfer {} is not committed; there is nothing to verify yet (see `ferry status {}`)",
             td.id, td.id
         ))
-    })?;
+        })?;
     let problems = manifest::verify(&rec.manifest);
     for p in &problems {
         log::error!("{p}");

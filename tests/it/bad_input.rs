@@ -18,7 +18,11 @@ fn missing_source_is_not_found() {
     let s = Scratch::new();
     let o = s.run(&["copy", "no-such-dir", "dst"]);
     expect_code(&o, 7);
-    assert!(first_error_line(&o).contains("no-such-dir"), "{}", stderr(&o));
+    assert!(
+        first_error_line(&o).contains("no-such-dir"),
+        "{}",
+        stderr(&o)
+    );
     assert!(!s.path("dst").exists(), "nothing may be created");
 }
 
@@ -36,7 +40,10 @@ fn destination_inside_or_equal_to_source_is_refused() {
         assert!(line.contains("src"), "{line}");
     }
     // The source is untouched: no state, no temporaries, no new directory.
-    let names: Vec<_> = fs::read_dir(s.path("src")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = fs::read_dir(s.path("src"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names, vec![std::ffi::OsString::from("a")]);
     // Destination containing the source.
     let o = s.run(&["copy", "src", "."]);
@@ -47,9 +54,18 @@ fn destination_inside_or_equal_to_source_is_refused() {
 fn unknown_id_is_a_usage_error() {
     let s = Scratch::new();
     for cmd in ["resume", "status", "cancel", "verify", "forget"] {
-        let o = s.run(&[cmd, "nope-123", "--state-dir", s.path("st").to_str().unwrap()]);
+        let o = s.run(&[
+            cmd,
+            "nope-123",
+            "--state-dir",
+            s.path("st").to_str().unwrap(),
+        ]);
         expect_code(&o, 2);
-        assert!(first_error_line(&o).contains("nope-123"), "{cmd}: {}", stderr(&o));
+        assert!(
+            first_error_line(&o).contains("nope-123"),
+            "{cmd}: {}",
+            stderr(&o)
+        );
     }
     let o = s.run(&["status", "../evil"]);
     expect_code(&o, 2);
@@ -118,7 +134,10 @@ fn an_unreadable_plan_is_a_clear_error_never_a_fresh_start() {
     let o = s.run(&["resume", "t1"]);
     expect_code(&o, 8);
     let line = first_error_line(&o);
-    assert!(line.contains("integrity") && line.contains("plan"), "{line}");
+    assert!(
+        line.contains("integrity") && line.contains("plan"),
+        "{line}"
+    );
     assert_eq!(fs::read(s.path("dst/a")).unwrap(), dst_before);
     let st = status(&s, "t1", &s.path("dst/.ferry"));
     assert_eq!(st["state"], "unknown");

@@ -8,7 +8,13 @@ use ferry::State;
 
 use crate::util::*;
 
-fn lib_copy(src: &std::path::Path, dst: &std::path::Path, ranks: usize, threads: usize, chunk: u64) -> ferry::Summary {
+fn lib_copy(
+    src: &std::path::Path,
+    dst: &std::path::Path,
+    ranks: usize,
+    threads: usize,
+    chunk: u64,
+) -> ferry::Summary {
     let mut o = CopyOptions::new(vec![OsString::from(src)], OsString::from(dst));
     o.chunk_size = chunk;
     o.threads = threads;
@@ -27,7 +33,16 @@ fn awkward_tree_is_identical_for_every_rank_and_thread_count() {
     let chunk = 64 << 10;
     let src = s.path("src");
     awkward_tree(&src, chunk, 5 * chunk + 3, 1);
-    for (ranks, threads) in [(1, 1), (1, 4), (2, 2), (3, 1), (4, 3), (5, 2), (7, 1), (8, 4)] {
+    for (ranks, threads) in [
+        (1, 1),
+        (1, 4),
+        (2, 2),
+        (3, 1),
+        (4, 3),
+        (5, 2),
+        (7, 1),
+        (8, 4),
+    ] {
         let dst = s.path(&format!("dst-{ranks}-{threads}"));
         let sum = lib_copy(&src, &dst, ranks, threads, chunk);
         assert_same_tree(&src, &dst);
@@ -53,7 +68,15 @@ fn cli_copy_of_a_large_file_tree_verifies_and_reports_committed() {
     let chunk: u64 = 64 << 20;
     awkward_tree(&src, chunk, 300 << 20, 2);
     let dst = s.path("dst");
-    let o = s.run(&["copy", "--ranks", "3", "--threads", "2", src.to_str().unwrap(), dst.to_str().unwrap()]);
+    let o = s.run(&[
+        "copy",
+        "--ranks",
+        "3",
+        "--threads",
+        "2",
+        src.to_str().unwrap(),
+        dst.to_str().unwrap(),
+    ]);
     expect_code(&o, 0);
     let id = id_of(&o);
     assert_same_tree(&src, &dst);
@@ -75,7 +98,13 @@ fn verify_finds_a_damaged_destination() {
     let src = s.path("src");
     awkward_tree(&src, 4096, 100_000, 3);
     let dst = s.path("dst");
-    let o = s.run(&["copy", "--chunk-size", "4K", src.to_str().unwrap(), dst.to_str().unwrap()]);
+    let o = s.run(&[
+        "copy",
+        "--chunk-size",
+        "4K",
+        src.to_str().unwrap(),
+        dst.to_str().unwrap(),
+    ]);
     expect_code(&o, 0);
     let id = id_of(&o);
     let victim = dst.join("f6_100000");
@@ -96,14 +125,30 @@ fn several_sources_and_a_single_file() {
     write_file(&s.path("c.bin"), 3000, &mut r);
     let o = s.run(&["copy", "a", "b", "c.bin", "out"]);
     expect_code(&o, 0);
-    assert_eq!(std::fs::read(s.path("out/a/x")).unwrap(), std::fs::read(s.path("a/x")).unwrap());
-    assert_eq!(std::fs::read(s.path("out/b/y")).unwrap(), std::fs::read(s.path("b/y")).unwrap());
-    assert_eq!(std::fs::read(s.path("out/c.bin")).unwrap(), std::fs::read(s.path("c.bin")).unwrap());
+    assert_eq!(
+        std::fs::read(s.path("out/a/x")).unwrap(),
+        std::fs::read(s.path("a/x")).unwrap()
+    );
+    assert_eq!(
+        std::fs::read(s.path("out/b/y")).unwrap(),
+        std::fs::read(s.path("b/y")).unwrap()
+    );
+    assert_eq!(
+        std::fs::read(s.path("out/c.bin")).unwrap(),
+        std::fs::read(s.path("c.bin")).unwrap()
+    );
     // One file to a new name: the state goes beside it.
     let o = s.run(&["copy", "c.bin", "single/copy.bin"]);
     expect_code(&o, 0);
-    assert_eq!(std::fs::read(s.path("single/copy.bin")).unwrap(), std::fs::read(s.path("c.bin")).unwrap());
-    assert!(s.path("single/.ferry").join(id_of(&o)).join("commit").exists());
+    assert_eq!(
+        std::fs::read(s.path("single/copy.bin")).unwrap(),
+        std::fs::read(s.path("c.bin")).unwrap()
+    );
+    assert!(s
+        .path("single/.ferry")
+        .join(id_of(&o))
+        .join("commit")
+        .exists());
     // JSON summary.
     let o = s.run(&["copy", "--json", "a", "json-out"]);
     expect_code(&o, 0);

@@ -28,12 +28,22 @@ fn a_crash_at_any_failpoint_then_resume_converges() {
     let src = s.path("src");
     let mut r = Rng::new(11);
     for i in 0..6 {
-        write_file(&src.join(format!("d{}/f{i}", i % 2)), 30_000 + i * 5_000, &mut r);
+        write_file(
+            &src.join(format!("d{}/f{i}", i % 2)),
+            30_000 + i * 5_000,
+            &mut r,
+        );
     }
     write_file(&src.join("empty"), 0, &mut r);
     std::os::unix::fs::symlink("d0/f0", src.join("ln")).unwrap();
     let reference = s.path("reference");
-    assert!(std::process::Command::new("cp").arg("-a").arg(&src).arg(&reference).status().unwrap().success());
+    assert!(std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&src)
+        .arg(&reference)
+        .status()
+        .unwrap()
+        .success());
 
     let mut cells = 0;
     for (ranks, again) in [(1, "2"), (3, "1")] {
@@ -47,12 +57,27 @@ fn a_crash_at_any_failpoint_then_resume_converges() {
                     let cell = format!("{point}@{victim}#{nth} on {ranks} rank(s)");
                     // Fresh sources for every cell (delete-source removes them).
                     let _ = std::fs::remove_dir_all(&src);
-                    assert!(std::process::Command::new("cp").arg("-a").arg(&reference).arg(&src).status().unwrap().success());
+                    assert!(std::process::Command::new("cp")
+                        .arg("-a")
+                        .arg(&reference)
+                        .arg(&src)
+                        .status()
+                        .unwrap()
+                        .success());
                     let dst = s.path(&format!("dst-{cells}"));
                     let o = s
                         .ferry()
                         .env("FERRY_FAILPOINTS", format!("{point}=exit@{victim}#{nth}"))
-                        .args(["copy", "--delete-source", "--chunk-size", "8K", "--threads", "2", "--ranks", &ranks.to_string()])
+                        .args([
+                            "copy",
+                            "--delete-source",
+                            "--chunk-size",
+                            "8K",
+                            "--threads",
+                            "2",
+                            "--ranks",
+                            &ranks.to_string(),
+                        ])
                         .arg(&src)
                         .arg(&dst)
                         .output()
@@ -62,7 +87,12 @@ fn a_crash_at_any_failpoint_then_resume_converges() {
                     // Invariant 2: no torn file at a final name.
                     assert_no_torn_finals(&reference, &dst);
                     let state = dst.join(".ferry");
-                    let id = std::fs::read_dir(&state).unwrap().next().unwrap().unwrap().file_name();
+                    let id = std::fs::read_dir(&state)
+                        .unwrap()
+                        .next()
+                        .unwrap()
+                        .unwrap()
+                        .file_name();
                     let id = id.to_str().unwrap().to_string();
                     let committed = state.join(&id).join("commit").exists();
                     // Invariant 1: a commit record means everything is final and identical.
@@ -73,7 +103,14 @@ fn a_crash_at_any_failpoint_then_resume_converges() {
                     if !committed {
                         assert_same_tree(&reference, &src);
                     }
-                    let o = s.run(&["resume", &id, "--state-dir", state.to_str().unwrap(), "--ranks", again]);
+                    let o = s.run(&[
+                        "resume",
+                        &id,
+                        "--state-dir",
+                        state.to_str().unwrap(),
+                        "--ranks",
+                        again,
+                    ]);
                     expect_code(&o, 0);
                     assert_same_tree(&reference, &dst);
                     assert!(!src.exists(), "{cell}: sources not removed");

@@ -29,9 +29,17 @@ fn seed() -> u64 {
 /// Start `args`, wait for the id line, then until `bytes_done >= target` (or the run ends), and
 /// SIGKILL it. Returns the id and whether the run finished before it could be killed.
 fn run_and_kill(s: &Scratch, args: &[&str], state: &Path, target: u64) -> (String, bool) {
-    let mut child = s.ferry().args(args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = s
+        .ferry()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let id = line.trim().to_string();
     assert!(!id.is_empty(), "no transfer id printed");
     let td = TransferDir::new(state, &id);
@@ -75,11 +83,29 @@ fn sigkill_at_random_moments_then_resume_converges() {
             3 => big * 99 / 100,
             _ => big / 20 + r.below(big * 9 / 10),
         };
-        let (src_s, dst_s) = (src.to_str().unwrap().to_string(), dst.to_str().unwrap().to_string());
+        let (src_s, dst_s) = (
+            src.to_str().unwrap().to_string(),
+            dst.to_str().unwrap().to_string(),
+        );
         let args: Vec<&str> = if round == 0 {
-            vec!["copy", "--ranks", "2", "--threads", "2", "--chunk-size", "16MiB", &src_s, &dst_s]
+            vec![
+                "copy",
+                "--ranks",
+                "2",
+                "--threads",
+                "2",
+                "--chunk-size",
+                "16MiB",
+                &src_s,
+                &dst_s,
+            ]
         } else {
-            vec!["resume", &id, "--ranks", if round % 2 == 0 { "3" } else { "1" }]
+            vec![
+                "resume",
+                &id,
+                "--ranks",
+                if round % 2 == 0 { "3" } else { "1" },
+            ]
         };
         let (got, finished) = run_and_kill(&s, &args, &state, target);
         id = got;
@@ -107,7 +133,11 @@ fn sigkill_at_random_moments_then_resume_converges() {
         assert_eq!(sum["bytes_reused"].as_u64().unwrap(), before, "{sum}");
         let total = sum["bytes_total"].as_u64().unwrap();
         assert!(total > big);
-        assert_eq!(sum["bytes_copied"].as_u64().unwrap(), total - before, "{sum}");
+        assert_eq!(
+            sum["bytes_copied"].as_u64().unwrap(),
+            total - before,
+            "{sum}"
+        );
     }
     assert_same_tree(&src, &dst);
     assert!(temps_in(&dst).is_empty());

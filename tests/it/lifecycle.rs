@@ -24,7 +24,11 @@ fn tree(s: &Scratch) -> std::path::PathBuf {
     let src = s.path("src");
     let mut r = Rng::new(5);
     for i in 0..12 {
-        write_file(&src.join(format!("d{}/f{i}", i % 3)), 50_000 + i * 7919, &mut r);
+        write_file(
+            &src.join(format!("d{}/f{i}", i % 3)),
+            50_000 + i * 7919,
+            &mut r,
+        );
     }
     src
 }
@@ -37,15 +41,31 @@ fn status_tells_the_truth_at_every_stage() {
     let state_s = state.to_str().unwrap();
 
     // planned: the plan is durable, no data has moved, a run is live.
-    let mut c = spawn(&s, "plan::written=pause;journal::synced=pause@0#1", &[
-        "copy", "--id", "t", "--chunk-size", "4K", "--threads", "1", "src", "dst",
-    ]);
+    let mut c = spawn(
+        &s,
+        "plan::written=pause;journal::synced=pause@0#1",
+        &[
+            "copy",
+            "--id",
+            "t",
+            "--chunk-size",
+            "4K",
+            "--threads",
+            "1",
+            "src",
+            "dst",
+        ],
+    );
     s.wait_paused(&mut c);
     let st = status(&s, "t", &state);
     assert_eq!(st["state"], "planned", "{st}");
     assert!(st["live"].is_string());
     assert_eq!(st["bytes_done"], 0);
-    assert!(s.path("dst").read_dir().unwrap().all(|e| e.unwrap().file_name() == ".ferry"));
+    assert!(s
+        .path("dst")
+        .read_dir()
+        .unwrap()
+        .all(|e| e.unwrap().file_name() == ".ferry"));
 
     // A second run on the same transfer fails cleanly and touches nothing.
     let o = s.run(&["resume", "t"]);
@@ -76,7 +96,10 @@ fn status_tells_the_truth_at_every_stage() {
     let dir_md = fs::metadata(src.join("d1")).unwrap();
     let dir_times = {
         use std::os::unix::fs::MetadataExt;
-        ((dir_md.mtime(), dir_md.mtime_nsec() as u32), (dir_md.atime(), dir_md.atime_nsec() as u32))
+        (
+            (dir_md.mtime(), dir_md.mtime_nsec() as u32),
+            (dir_md.atime(), dir_md.atime_nsec() as u32),
+        )
     };
     fs::remove_file(&victim).unwrap();
     let o = s.run(&["resume", "t"]);
@@ -91,7 +114,12 @@ fn status_tells_the_truth_at_every_stage() {
 
     // The cause fixed, a resume commits.
     fs::write(&victim, &saved).unwrap();
-    fs::File::options().write(true).open(&victim).unwrap().set_modified(mtime).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&victim)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
     ferry::fsio::set_times_nofollow(&src.join("d1"), dir_times.0, dir_times.1).unwrap();
     let o = s.run(&["resume", "t"]);
     expect_code(&o, 0);
@@ -109,21 +137,50 @@ fn status_tells_the_truth_at_every_stage() {
 fn cancel_stops_a_running_transfer_and_removes_its_temporaries() {
     let s = Scratch::new();
     let src = tree(&s);
-    let mut c = spawn(&s, "journal::synced=pause@0#1", &[
-        "copy", "--id", "c1", "--chunk-size", "4K", "--threads", "2", "--ranks", "2", "src", "dst",
-    ]);
+    let mut c = spawn(
+        &s,
+        "journal::synced=pause@0#1",
+        &[
+            "copy",
+            "--id",
+            "c1",
+            "--chunk-size",
+            "4K",
+            "--threads",
+            "2",
+            "--ranks",
+            "2",
+            "src",
+            "dst",
+        ],
+    );
     s.wait_paused(&mut c);
-    assert!(!temps_in(&s.path("dst")).is_empty(), "a paused copy has temporaries");
-    let canceller = s.ferry().args(["cancel", "c1"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    assert!(
+        !temps_in(&s.path("dst")).is_empty(),
+        "a paused copy has temporaries"
+    );
+    let canceller = s
+        .ferry()
+        .args(["cancel", "c1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     // The cancel request is on disk before the run goes on.
-    wait_for(std::time::Duration::from_secs(30), || s.path("dst/.ferry/c1/cancel-request").exists());
+    wait_for(std::time::Duration::from_secs(30), || {
+        s.path("dst/.ferry/c1/cancel-request").exists()
+    });
     s.release();
     let run = finish(c);
     expect_code(&run, 4);
     let o = finish(canceller);
     expect_code(&o, 0);
     assert!(stdout(&o).contains("cancelled"), "{}", stdout(&o));
-    assert!(temps_in(&s.path("dst")).is_empty(), "temporaries left: {:?}", temps_in(&s.path("dst")));
+    assert!(
+        temps_in(&s.path("dst")).is_empty(),
+        "temporaries left: {:?}",
+        temps_in(&s.path("dst"))
+    );
     let st = status(&s, "c1", &s.path("dst/.ferry"));
     assert_eq!(st["state"], "cancelled");
     // Nothing at a final name, sources intact.
@@ -133,7 +190,12 @@ fn cancel_stops_a_running_transfer_and_removes_its_temporaries() {
     assert!(stderr(&o).contains("cancelled"));
     // forget, and the id stays used.
     expect_code(&s.run(&["forget", "c1"]), 0);
-    let o = s.run(&["status", "c1", "--state-dir", s.path("dst/.ferry").to_str().unwrap()]);
+    let o = s.run(&[
+        "status",
+        "c1",
+        "--state-dir",
+        s.path("dst/.ferry").to_str().unwrap(),
+    ]);
     expect_code(&o, 2);
     assert!(stderr(&o).contains("forgotten"));
     let o = s.run(&["copy", "--id", "c1", "src", "dst"]);
@@ -144,7 +206,12 @@ fn cancel_stops_a_running_transfer_and_removes_its_temporaries() {
 fn cancel_of_an_interrupted_transfer_cleans_up_without_a_run() {
     let s = Scratch::new();
     tree(&s);
-    let o = s.ferry().env("FERRY_FAILPOINTS", "copy::unit_synced=exit#4").args(["copy", "--id", "k", "--chunk-size", "16K", "src", "dst"]).output().unwrap();
+    let o = s
+        .ferry()
+        .env("FERRY_FAILPOINTS", "copy::unit_synced=exit#4")
+        .args(["copy", "--id", "k", "--chunk-size", "16K", "src", "dst"])
+        .output()
+        .unwrap();
     expect_code(&o, 99);
     assert!(!temps_in(&s.path("dst")).is_empty());
     let o = s.run(&["cancel", "k"]);
@@ -158,7 +225,22 @@ fn torn_and_corrupt_journal_records_are_discarded_and_redone() {
     let s = Scratch::new();
     let src = tree(&s);
     // Every unit journaled, then the process dies before the decision.
-    let o = s.ferry().env("FERRY_FAILPOINTS", "copy::all_done=exit").args(["copy", "--id", "j", "--chunk-size", "16K", "--threads", "1", "src", "dst"]).output().unwrap();
+    let o = s
+        .ferry()
+        .env("FERRY_FAILPOINTS", "copy::all_done=exit")
+        .args([
+            "copy",
+            "--id",
+            "j",
+            "--chunk-size",
+            "16K",
+            "--threads",
+            "1",
+            "src",
+            "dst",
+        ])
+        .output()
+        .unwrap();
     expect_code(&o, 99);
     let j = s.path("dst/.ferry/j/journal.a1.r0");
     let mut b = fs::read(&j).unwrap();
@@ -171,11 +253,19 @@ fn torn_and_corrupt_journal_records_are_discarded_and_redone() {
     expect_code(&o, 0);
     let sum: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(sum["records_discarded"], 2, "{sum}");
-    assert_eq!(sum["units_copied"], 1, "only the unit of the corrupt record is redone: {sum}");
+    assert_eq!(
+        sum["units_copied"], 1,
+        "only the unit of the corrupt record is redone: {sum}"
+    );
     assert_same_tree(&src, &s.path("dst"));
 
     // A journal whose header is damaged cannot be read at all: a clear error naming it.
-    let o = s.ferry().env("FERRY_FAILPOINTS", "copy::all_done=exit").args(["copy", "--id", "h", "--chunk-size", "16K", "src", "dst2"]).output().unwrap();
+    let o = s
+        .ferry()
+        .env("FERRY_FAILPOINTS", "copy::all_done=exit")
+        .args(["copy", "--id", "h", "--chunk-size", "16K", "src", "dst2"])
+        .output()
+        .unwrap();
     expect_code(&o, 99);
     let j = s.path("dst2/.ferry/h/journal.a1.r0");
     let mut b = fs::read(&j).unwrap();
@@ -190,7 +280,20 @@ fn torn_and_corrupt_journal_records_are_discarded_and_redone() {
 fn verify_catches_a_bad_unit_before_the_commit_and_resume_redoes_it() {
     let s = Scratch::new();
     let src = tree(&s);
-    let mut c = spawn(&s, "copy::all_done=pause", &["copy", "--id", "v", "--verify", "--chunk-size", "16K", "src", "dst"]);
+    let mut c = spawn(
+        &s,
+        "copy::all_done=pause",
+        &[
+            "copy",
+            "--id",
+            "v",
+            "--verify",
+            "--chunk-size",
+            "16K",
+            "src",
+            "dst",
+        ],
+    );
     s.wait_paused(&mut c);
     let tmp = temps_in(&s.path("dst")).into_iter().next().unwrap();
     let mut b = fs::read(&tmp).unwrap();
@@ -210,7 +313,11 @@ fn verify_catches_a_bad_unit_before_the_commit_and_resume_redoes_it() {
 fn a_final_file_replaced_behind_ferrys_back_is_never_committed() {
     let s = Scratch::new();
     let src = tree(&s);
-    let mut c = spawn(&s, "commit::dirs_synced=pause", &["copy", "--id", "x", "--chunk-size", "16K", "src", "dst"]);
+    let mut c = spawn(
+        &s,
+        "commit::dirs_synced=pause",
+        &["copy", "--id", "x", "--chunk-size", "16K", "src", "dst"],
+    );
     s.wait_paused(&mut c);
     fs::write(s.path("dst/d0/f0"), b"someone else's bytes").unwrap();
     s.release();
@@ -229,24 +336,51 @@ fn delete_source_waits_for_the_commit_and_a_resume_finishes_without_sources() {
     let s = Scratch::new();
     let src = tree(&s);
     let keep = s.path("reference");
-    let o = std::process::Command::new("cp").arg("-a").arg(&src).arg(&keep).output().unwrap();
+    let o = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&src)
+        .arg(&keep)
+        .output()
+        .unwrap();
     assert!(o.status.success());
 
     // Killed right after the commit record: sources still all there.
-    let o = s.ferry().env("FERRY_FAILPOINTS", "commit::record_written=exit").args(["copy", "--id", "d", "--delete-source", "--ranks", "2", "src", "dst"]).output().unwrap();
+    let o = s
+        .ferry()
+        .env("FERRY_FAILPOINTS", "commit::record_written=exit")
+        .args([
+            "copy",
+            "--id",
+            "d",
+            "--delete-source",
+            "--ranks",
+            "2",
+            "src",
+            "dst",
+        ])
+        .output()
+        .unwrap();
     expect_code(&o, 99);
     assert_same_tree(&keep, &src);
     let st = status(&s, "d", &s.path("dst/.ferry"));
     assert_eq!(st["state"], "committed");
     assert_eq!(st["sources_removed"], false);
     // Killed in the middle of removing sources, then resumed with another rank count.
-    let o = s.ferry().env("FERRY_FAILPOINTS", "delete::source=exit#3").args(["resume", "d", "--ranks", "1"]).output().unwrap();
+    let o = s
+        .ferry()
+        .env("FERRY_FAILPOINTS", "delete::source=exit#3")
+        .args(["resume", "d", "--ranks", "1"])
+        .output()
+        .unwrap();
     expect_code(&o, 99);
     let o = s.run(&["resume", "d", "--ranks", "3"]);
     expect_code(&o, 0);
     assert!(!src.exists(), "sources removed");
     assert_same_tree(&keep, &s.path("dst"));
-    assert_eq!(status(&s, "d", &s.path("dst/.ferry"))["sources_removed"], true);
+    assert_eq!(
+        status(&s, "d", &s.path("dst/.ferry"))["sources_removed"],
+        true
+    );
     expect_code(&s.run(&["verify", "d"]), 0);
 }
 
@@ -254,12 +388,22 @@ fn delete_source_waits_for_the_commit_and_a_resume_finishes_without_sources() {
 fn a_failed_fsync_stops_the_run_and_resume_redoes_the_work() {
     let s = Scratch::new();
     let src = tree(&s);
-    let o = s.ferry().env("FERRY_FAILPOINTS", "fsio::sync_data=error(EIO)#5").args(["copy", "--id", "e", "--chunk-size", "16K", "src", "dst"]).output().unwrap();
+    let o = s
+        .ferry()
+        .env("FERRY_FAILPOINTS", "fsio::sync_data=error(EIO)#5")
+        .args(["copy", "--id", "e", "--chunk-size", "16K", "src", "dst"])
+        .output()
+        .unwrap();
     expect_code(&o, 5);
     let st = status(&s, "e", &s.path("dst/.ferry"));
     assert_eq!(st["state"], "failed");
     assert_eq!(st["error"]["class"], "resource");
-    let o = s.ferry().env("FERRY_FAILPOINTS", "copy::unit_written=error(ENOSPC)#2").args(["resume", "e"]).output().unwrap();
+    let o = s
+        .ferry()
+        .env("FERRY_FAILPOINTS", "copy::unit_written=error(ENOSPC)#2")
+        .args(["resume", "e"])
+        .output()
+        .unwrap();
     expect_code(&o, 5);
     expect_code(&s.run(&["resume", "e"]), 0);
     assert_same_tree(&src, &s.path("dst"));

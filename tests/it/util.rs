@@ -68,7 +68,11 @@ pub fn awkward_tree(root: &Path, chunk: u64, big: u64, seed: u64) {
     for (i, s) in sizes.iter().enumerate() {
         write_file(&root.join(format!("f{i}_{s}")), *s, &mut r);
     }
-    write_file(&root.join("deep/er/still deeper/file with spaces.dat"), chunk + 5, &mut r);
+    write_file(
+        &root.join("deep/er/still deeper/file with spaces.dat"),
+        chunk + 5,
+        &mut r,
+    );
     write_file(&root.join("deep/ünïcødé 名前.bin"), 777, &mut r);
     let raw = OsString::from_vec(vec![b'r', b'a', b'w', 0xff, 0xfe, b'.', b'b']);
     write_file(&root.join("deep").join(&raw), 4096, &mut r);
@@ -102,9 +106,18 @@ pub fn small_files(root: &Path, dirs: usize, per_dir: usize, size: u64, seed: u6
 
 #[derive(Debug, PartialEq)]
 enum Node {
-    Dir { mode: u32, mtime: i64 },
-    File { mode: u32, mtime: (i64, i64), data: Vec<u8> },
-    Link { target: PathBuf },
+    Dir {
+        mode: u32,
+        mtime: i64,
+    },
+    File {
+        mode: u32,
+        mtime: (i64, i64),
+        data: Vec<u8>,
+    },
+    Link {
+        target: PathBuf,
+    },
 }
 
 fn collect(root: &Path, rel: &Path, out: &mut Vec<(Vec<u8>, Node)>, top: bool) {
@@ -112,7 +125,12 @@ fn collect(root: &Path, rel: &Path, out: &mut Vec<(Vec<u8>, Node)>, top: bool) {
     let md = fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     let key = rel.as_os_str().as_bytes().to_vec();
     if md.file_type().is_symlink() {
-        out.push((key, Node::Link { target: fs::read_link(&p).unwrap() }));
+        out.push((
+            key,
+            Node::Link {
+                target: fs::read_link(&p).unwrap(),
+            },
+        ));
     } else if md.is_file() {
         out.push((
             key,
@@ -124,10 +142,18 @@ fn collect(root: &Path, rel: &Path, out: &mut Vec<(Vec<u8>, Node)>, top: bool) {
         ));
     } else if md.is_dir() {
         if !top {
-            out.push((key, Node::Dir { mode: md.mode() & 0o7777, mtime: md.mtime() }));
+            out.push((
+                key,
+                Node::Dir {
+                    mode: md.mode() & 0o7777,
+                    mtime: md.mtime(),
+                },
+            ));
         }
-        let mut names: Vec<OsString> =
-            fs::read_dir(&p).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let mut names: Vec<OsString> = fs::read_dir(&p)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         names.sort();
         for n in names {
             if top && n == ".ferry" {
@@ -157,7 +183,10 @@ pub fn diff_trees(a: &Path, b: &Path) -> Vec<String> {
     }
     for k in ys.keys() {
         if !xs.contains_key(k) {
-            out.push(format!("extra in destination: {}", String::from_utf8_lossy(k)));
+            out.push(format!(
+                "extra in destination: {}",
+                String::from_utf8_lossy(k)
+            ));
         }
     }
     out
@@ -165,7 +194,18 @@ pub fn diff_trees(a: &Path, b: &Path) -> Vec<String> {
 
 fn describe(a: &Node, b: &Node) -> String {
     match (a, b) {
-        (Node::File { mode: m1, mtime: t1, data: d1 }, Node::File { mode: m2, mtime: t2, data: d2 }) => {
+        (
+            Node::File {
+                mode: m1,
+                mtime: t1,
+                data: d1,
+            },
+            Node::File {
+                mode: m2,
+                mtime: t2,
+                data: d2,
+            },
+        ) => {
             format!(
                 "mode {m1:o}/{m2:o} mtime {t1:?}/{t2:?} size {}/{} same-bytes {}",
                 d1.len(),
@@ -194,7 +234,10 @@ impl Scratch {
             .unwrap_or_else(std::env::temp_dir);
         fs::create_dir_all(&base).unwrap();
         Scratch {
-            dir: tempfile::Builder::new().prefix("ferry-it-").tempdir_in(base).unwrap(),
+            dir: tempfile::Builder::new()
+                .prefix("ferry-it-")
+                .tempdir_in(base)
+                .unwrap(),
         }
     }
     pub fn path(&self, p: &str) -> PathBuf {
@@ -238,7 +281,10 @@ impl Scratch {
 pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !cond() {
-        assert!(t0.elapsed() < limit, "condition not reached within {limit:?}");
+        assert!(
+            t0.elapsed() < limit,
+            "condition not reached within {limit:?}"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
 }
@@ -258,17 +304,34 @@ pub fn stdout(o: &Output) -> String {
 /// Assert an exit code, showing stderr when it is not.
 #[track_caller]
 pub fn expect_code(o: &Output, want: i32) {
-    assert_eq!(code(o), want, "exit code; stderr:\n{}\nstdout:\n{}", stderr(o), stdout(o));
+    assert_eq!(
+        code(o),
+        want,
+        "exit code; stderr:\n{}\nstdout:\n{}",
+        stderr(o),
+        stdout(o)
+    );
 }
 
 /// The first line of stdout: the transfer id.
 pub fn id_of(o: &Output) -> String {
-    stdout(o).lines().next().unwrap_or_default().trim().to_string()
+    stdout(o)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 /// `ferry status --json` parsed.
 pub fn status(s: &Scratch, id: &str, state_dir: &Path) -> serde_json::Value {
-    let o = s.run(&["status", id, "--state-dir", state_dir.to_str().unwrap(), "--json"]);
+    let o = s.run(&[
+        "status",
+        id,
+        "--state-dir",
+        state_dir.to_str().unwrap(),
+        "--json",
+    ]);
     expect_code(&o, 0);
     serde_json::from_slice(&o.stdout).unwrap()
 }
