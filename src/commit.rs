@@ -35,7 +35,7 @@ pub fn finalize_entries(plan: &Plan, me: usize, n: usize) -> Result<()> {
         let tmp = crate::engine::temp_path(plan, e);
         match fs::symlink_metadata(&tmp) {
             Ok(md) if md.is_file() => {
-                fsio::finish_file(&tmp, ent.mode, ent.mtime, ent.atime)?;
+                fsio::finish_file(&tmp, ent.mode, ent.mtime)?;
                 failpoints::io("commit::file_finished", &tmp)?;
                 fsio::rename(&tmp, &ent.dst)?;
                 failpoints::io("commit::renamed", &ent.dst)?;
@@ -63,7 +63,7 @@ pub fn finalize_entries(plan: &Plan, me: usize, n: usize) -> Result<()> {
         let tmp = crate::engine::temp_path(plan, e);
         fsio::remove_file(&tmp)?;
         std::os::unix::fs::symlink(target, &tmp).ctx("symlink", &tmp)?;
-        fsio::set_times_nofollow(&tmp, ent.mtime, ent.atime)?;
+        fsio::set_times_nofollow(&tmp, ent.mtime)?;
         fsio::rename(&tmp, &ent.dst)?;
         dirs.insert(fsio::parent_of(&ent.dst).to_path_buf());
     }
@@ -111,7 +111,7 @@ pub fn finish_dirs(plan: &Plan, me: usize, n: usize) -> Result<()> {
     let mine: Vec<usize> = owned(plan, me, n, Kind::Dir).collect();
     for &e in mine.iter().rev() {
         let ent = &plan.entries[e];
-        fsio::set_mode_and_times(&ent.dst, Some(ent.mode), ent.mtime, ent.atime)?;
+        fsio::set_mode_and_times(&ent.dst, Some(ent.mode), ent.mtime)?;
         fsio::fsync_dir(&ent.dst)?;
     }
     Ok(())

@@ -190,21 +190,16 @@ pub fn remove_file(path: &Path) -> Result<bool> {
 
 /// Apply a mode and times to a file or directory by path (not following a final symlink for
 /// times). Durability comes from the caller's [`sync_all`] / [`fsync_dir`].
-pub fn set_mode_and_times(
-    path: &Path,
-    mode: Option<u32>,
-    mtime: (i64, u32),
-    atime: (i64, u32),
-) -> Result<()> {
+pub fn set_mode_and_times(path: &Path, mode: Option<u32>, mtime: (i64, u32)) -> Result<()> {
     if let Some(mode) = mode {
         fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o7777)).ctx("chmod", path)?;
     }
-    set_times_nofollow(path, mtime, atime)
+    set_times_nofollow(path, mtime)
 }
 
 /// Give a finished temporary file its final mode and times and make them durable (just before
 /// its rename). Never follows a symlink.
-pub fn finish_file(tmp: &Path, mode: u32, mtime: (i64, u32), atime: (i64, u32)) -> Result<()> {
+pub fn finish_file(tmp: &Path, mode: u32, mtime: (i64, u32)) -> Result<()> {
     let f = OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_NOFOLLOW)
@@ -212,9 +207,8 @@ pub fn finish_file(tmp: &Path, mode: u32, mtime: (i64, u32), atime: (i64, u32)) 
         .ctx("open", tmp)?;
     f.set_permissions(fs::Permissions::from_mode(mode & 0o7777))
         .ctx("chmod", tmp)?;
-    let times = fs::FileTimes::new()
-        .set_modified(system_time(mtime))
-        .set_accessed(system_time(atime));
+    // Only the modification time: the access time is left to the file system.
+    let times = fs::FileTimes::new().set_modified(system_time(mtime));
     f.set_times(times).ctx("utimes", tmp)?;
     sync_all(&f, tmp)
 }
@@ -229,13 +223,14 @@ pub fn system_time(t: (i64, u32)) -> std::time::SystemTime {
     }
 }
 
-/// Set the times of `path` itself (a symlink's own times, not its target's).
-pub fn set_times_nofollow(path: &Path, mtime: (i64, u32), atime: (i64, u32)) -> Result<()> {
-    use rustix::fs::{AtFlags, Timespec, Timestamps, CWD};
+/// Set the modification time of `path` itself (a symlink's own, not its target's); the access
+/// time is left alone.
+pub fn set_times_nofollow(path: &Path, mtime: (i64, u32)) -> Result<()> {
+    use rustix::fs::{AtFlags, Timespec, Timestamps, CWD, UTIME_OMIT};
     let ts = Timestamps {
         last_access: Timespec {
-            tv_sec: atime.0,
-            tv_nsec: atime.1 as _,
+            tv_sec: 0,
+            tv_nsec: UTIME_OMIT,
         },
         last_modification: Timespec {
             tv_sec: mtime.0,

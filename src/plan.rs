@@ -82,8 +82,6 @@ pub struct Entry {
     pub mode: u32,
     /// Modification time (seconds, nanoseconds).
     pub mtime: (i64, u32),
-    /// Access time (seconds, nanoseconds).
-    pub atime: (i64, u32),
     /// Symlink target.
     #[serde(with = "crate::pathser::opt", default)]
     pub target: Option<PathBuf>,
@@ -322,7 +320,6 @@ fn entry_from(
         size: if kind == Kind::File { md.len() } else { 0 },
         mode: md.mode() & 0o7777,
         mtime: time_of(md.mtime(), md.mtime_nsec()),
-        atime: time_of(md.atime(), md.atime_nsec()),
         target: None,
         holder,
     }
@@ -499,7 +496,6 @@ mod tests {
             size,
             mode: 0o644,
             mtime: (0, 0),
-            atime: (0, 0),
             target: None,
             holder: None,
         }

@@ -141,9 +141,23 @@ impl Status {
 
 /// Read the plan of a transfer: its body bytes' CRC and the plan.
 pub fn read_plan(td: &TransferDir) -> Result<(Plan, u32)> {
+    read_plan_body(td).map(|(plan, body)| (plan, crc32fast::hash(&body)))
+}
+
+/// Read and check the plan of a transfer: the plan and its body exactly as stored.
+pub fn read_plan_body(td: &TransferDir) -> Result<(Plan, Vec<u8>)> {
     let path = td.file(names::PLAN);
-    let bytes = std::fs::read(&path)
-        .map_err(|e| Error::io("read", &path, e).context("the transfer's plan cannot be read"))?;
+    let bytes = std::fs::read(&path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::io("read", &path, e).context(
+                "this transfer has no plan: the run that created it stopped before its plan \
+                 was durable, so nothing was copied; start a new `ferry copy` (and `ferry \
+                 forget` this id)",
+            )
+        } else {
+            Error::io("read", &path, e).context("the transfer's plan cannot be read")
+        }
+    })?;
     let body = state::unframe("plan", &bytes, &path)?;
     let plan: Plan = serde_json::from_slice(body).map_err(|e| {
         Error::integrity(
@@ -164,7 +178,7 @@ pub fn read_plan(td: &TransferDir) -> Result<(Plan, u32)> {
             format!("plan belongs to transfer {}, not {}", plan.id, td.id),
         ));
     }
-    Ok((plan, crc32fast::hash(body)))
+    Ok((plan, body.to_vec()))
 }
 
 /// Compute the status of a transfer.

@@ -241,6 +241,7 @@ pub fn copy(comm: &dyn Comm, opts: &CopyOptions, run: &RunOptions) -> Result<Sum
             plan::check_paths(&entries, &[])?;
             let plan = make_plan(opts, layout, &td, n, entries);
             let body = encode(&plan)?;
+            failpoints::hit("plan::walked")?;
             state::write_record_raw(&td.file(names::PLAN), "plan", &body)?;
             failpoints::hit("plan::written")?;
             Ok(body)
@@ -431,12 +432,7 @@ pub fn resume(
     let got = from_root(comm, || {
         let td = state::locate(id, state_dir)?;
         let l = Lock::acquire(&td)?;
-        let path = td.file(names::PLAN);
-        let bytes = std::fs::read(&path).map_err(|e| {
-            Error::io("read", &path, e).context("the transfer's plan cannot be read")
-        })?;
-        let (_, _) = status::read_plan(&td)?;
-        let body = state::unframe("plan", &bytes, &path)?.to_vec();
+        let (_, body) = status::read_plan_body(&td)?;
         lock = Some(l);
         Ok((crate::pathser::encode(&td.path), td.id, body))
     })?;
@@ -547,6 +543,10 @@ fn execute(
 ) -> Result<Summary> {
     let start = Instant::now();
     let (me, n) = (comm.rank(), comm.size());
+    if plan.layout == Layout::Local {
+        // Refused before anything else: in the local layout a rank's files are its own.
+        plan.assign(&[], n)?;
+    }
     if me == 0 {
         if let Some(a) = &run.announce {
             a(&plan.id, &td.path);
@@ -936,10 +936,14 @@ pub fn verify(td: &TransferDir) -> Result<manifest::Manifest> {
 /// `ferry forget`: remove a committed or cancelled transfer's state (the id stays reserved).
 pub fn forget(td: &TransferDir) -> Result<()> {
     let st = status::status(td);
-    if !matches!(st.state, State::Committed | State::Cancelled) {
+    if !matches!(
+        st.state,
+        State::Committed | State::Cancelled | State::Unknown
+    ) || st.live.is_some()
+    {
         return Err(Error::usage(format!(
-            "transfer {} is {}; only committed or cancelled transfers can be forgotten \
-             (cancel it first)",
+            "transfer {} is {}; only committed, cancelled or unreadable transfers can be \
+             forgotten (cancel it first)",
             td.id, st.state
         )));
     }

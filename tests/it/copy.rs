@@ -156,3 +156,25 @@ fn several_sources_and_a_single_file() {
     assert_eq!(v["state"], "committed");
     assert_eq!(v["bytes_total"], 1000);
 }
+
+#[test]
+fn the_same_inputs_give_the_same_plan() {
+    let s = Scratch::new();
+    let src = s.path("src");
+    awkward_tree(&src, 4096, 20_000, 4);
+    let walk = || {
+        let mut rep = ferry::plan::WalkReport::default();
+        let e = ferry::plan::walk(&src, &s.path("dst"), &[], None, &mut rep).unwrap();
+        let u = ferry::plan::make_units(&e, 4096);
+        (e, u)
+    };
+    let (e1, u1) = walk();
+    let (e2, u2) = walk();
+    assert_eq!(e1, e2);
+    assert_eq!(u1, u2);
+    let files = e1
+        .iter()
+        .filter(|e| e.kind == ferry::plan::Kind::File)
+        .count();
+    assert!(u1.len() > files, "big files were split");
+}

@@ -94,12 +94,9 @@ fn status_tells_the_truth_at_every_stage() {
     let saved = fs::read(&victim).unwrap();
     let mtime = fs::metadata(&victim).unwrap().modified().unwrap();
     let dir_md = fs::metadata(src.join("d1")).unwrap();
-    let dir_times = {
+    let dir_mtime = {
         use std::os::unix::fs::MetadataExt;
-        (
-            (dir_md.mtime(), dir_md.mtime_nsec() as u32),
-            (dir_md.atime(), dir_md.atime_nsec() as u32),
-        )
+        (dir_md.mtime(), dir_md.mtime_nsec() as u32)
     };
     fs::remove_file(&victim).unwrap();
     let o = s.run(&["resume", "t"]);
@@ -120,7 +117,7 @@ fn status_tells_the_truth_at_every_stage() {
         .unwrap()
         .set_modified(mtime)
         .unwrap();
-    ferry::fsio::set_times_nofollow(&src.join("d1"), dir_times.0, dir_times.1).unwrap();
+    ferry::fsio::set_times_nofollow(&src.join("d1"), dir_mtime).unwrap();
     let o = s.run(&["resume", "t"]);
     expect_code(&o, 0);
     let st = status(&s, "t", &state);
@@ -218,6 +215,30 @@ fn cancel_of_an_interrupted_transfer_cleans_up_without_a_run() {
     expect_code(&o, 0);
     assert!(temps_in(&s.path("dst")).is_empty());
     assert_eq!(status(&s, "k", &s.path("dst/.ferry"))["state"], "cancelled");
+
+    // A cancel that dies after removing the temporaries, before its record: the request stands,
+    // and the next run finishes the cancel instead of copying.
+    let o = s
+        .ferry()
+        .env("FERRY_FAILPOINTS", "copy::unit_synced=exit#4")
+        .args(["copy", "--id", "k2", "--chunk-size", "16K", "src", "dst2"])
+        .output()
+        .unwrap();
+    expect_code(&o, 99);
+    let o = s
+        .ferry()
+        .env("FERRY_FAILPOINTS", "cancel::temps_removed=exit")
+        .args(["cancel", "k2"])
+        .output()
+        .unwrap();
+    expect_code(&o, 99);
+    let o = s.run(&["resume", "k2"]);
+    expect_code(&o, 4);
+    assert_eq!(
+        status(&s, "k2", &s.path("dst2/.ferry"))["state"],
+        "cancelled"
+    );
+    assert!(temps_in(&s.path("dst2")).is_empty());
 }
 
 #[test]
@@ -407,4 +428,33 @@ fn a_failed_fsync_stops_the_run_and_resume_redoes_the_work() {
     expect_code(&o, 5);
     expect_code(&s.run(&["resume", "e"]), 0);
     assert_same_tree(&src, &s.path("dst"));
+}
+
+#[test]
+fn killed_while_planning_leaves_a_transfer_that_says_so_and_can_be_forgotten() {
+    let s = Scratch::new();
+    tree(&s);
+    let o = s
+        .ferry()
+        .env("FERRY_FAILPOINTS", "plan::walked=exit")
+        .args(["copy", "--id", "p", "src", "dst"])
+        .output()
+        .unwrap();
+    expect_code(&o, 99);
+    let st = status(&s, "p", &s.path("dst/.ferry"));
+    assert_eq!(st["state"], "unknown", "{st}");
+    assert!(
+        st["error"]["message"].as_str().unwrap().contains("no plan"),
+        "{st}"
+    );
+    let o = s.run(&["resume", "p"]);
+    assert_ne!(code(&o), 0);
+    assert!(stderr(&o).contains("no plan"), "{}", stderr(&o));
+    expect_code(&s.run(&["forget", "p"]), 0);
+    // Nothing reached the destination but ferry's own state.
+    assert!(s
+        .path("dst")
+        .read_dir()
+        .unwrap()
+        .all(|e| e.unwrap().file_name() == ".ferry"));
 }
