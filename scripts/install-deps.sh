@@ -13,6 +13,13 @@ for pair in "gcc:gcc" "make:make" "cp:coreutils" "diff:diffutils" "rsync:rsync" 
   have_cmd "$cmd" || need_pkgs+=("$pkg")
 done
 
+# MPI (the default `mpi` feature): Open MPI, and libclang + pkg-config for rsmpi's bindgen build.
+have_cmd mpirun || need_pkgs+=(openmpi-bin)
+have_cmd mpicc || need_pkgs+=(libopenmpi-dev)
+ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || have_pkg libclang-dev || need_pkgs+=(libclang-dev)
+# /usr/bin/time -v reports peak memory per rank (docs, issue notes).
+[ -x /usr/bin/time ] || need_pkgs+=(time)
+
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ] && ! have_cmd sudo; then
     echo "install-deps: missing packages ${need_pkgs[*]}; run as root or install them" >&2

@@ -11,7 +11,8 @@
 //! unwinding or flushing, what SIGKILL does), `panic`, `error(ERRNO)` with ERRNO one of `EIO`,
 //! `ENOSPC`, `EACCES`, or `pause` (create `$FERRY_FAILPOINTS_GATE.paused`, then wait until the
 //! file `$FERRY_FAILPOINTS_GATE` exists, and remove it: tests use it to look at, or tamper with, a run at an
-//! exact point); `@rank` limits it to one rank; `#nth` fires on the nth hit on that rank
+//! exact point), or `delay(MS)` (sleep MS milliseconds on this and every later hit: slows a
+//! run down so a test can kill it mid-copy); `@rank` limits it to one rank; `#nth` fires on the nth hit on that rank
 //! (default: the first). `FERRY_FAILPOINTS_LIST=1` prints every point as it is passed, so tests
 //! can see which points a run goes through.
 //!
@@ -56,6 +57,7 @@ mod imp {
 
     #[derive(Debug)]
     enum Action {
+        Delay(u64),
         Pause,
         Exit,
         Panic,
@@ -86,6 +88,9 @@ mod imp {
                 let action = match act {
                     "exit" => Action::Exit,
                     "pause" => Action::Pause,
+                    a if a.starts_with("delay(") && a.ends_with(')') => {
+                        Action::Delay(a[6..a.len() - 1].parse().ok()?)
+                    }
                     "panic" => Action::Panic,
                     "error(EIO)" | "error" => Action::Error(libc::EIO),
                     "error(ENOSPC)" => Action::Error(libc::ENOSPC),
@@ -136,10 +141,17 @@ mod imp {
             *c += 1;
             *c
         };
+        if let Action::Delay(ms) = p.action {
+            if n >= p.nth {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
+            return Ok(());
+        }
         if n != p.nth {
             return Ok(());
         }
         match p.action {
+            Action::Delay(_) => Ok(()),
             Action::Pause => {
                 let gate = std::env::var_os("FERRY_FAILPOINTS_GATE")
                     .map(std::path::PathBuf::from)
@@ -173,8 +185,9 @@ mod imp {
 
         #[test]
         fn specs_parse() {
-            let p = parse("a::b=exit@1#3; c::d=error(ENOSPC);bad;e=panic");
-            assert_eq!(p.len(), 3);
+            let p = parse("a::b=exit@1#3; c::d=error(ENOSPC);bad;e=panic;f=delay(20)");
+            assert_eq!(p.len(), 4);
+            assert!(matches!(p[3].action, Action::Delay(20)));
             assert_eq!(p[0].rank, Some(1));
             assert_eq!(p[0].nth, 3);
             assert!(matches!(p[1].action, Action::Error(libc::ENOSPC)));

@@ -283,3 +283,44 @@ mod tests {
         assert!(check_header(b"short", &p, 42).is_err());
     }
 }
+
+/// Follows a transfer's journals as they grow (for a progress bar that sees every rank's work
+/// without any collective): reads only what was appended since the last look.
+#[derive(Debug, Default)]
+pub struct Watch {
+    offsets: HashMap<PathBuf, u64>,
+    seen: std::collections::HashSet<u32>,
+    bytes: u64,
+}
+
+impl Watch {
+    /// Bytes of distinct units recorded so far in `td`'s journals (records that do not check out
+    /// are skipped; a journal that cannot be read is skipped this time).
+    pub fn poll(&mut self, td: &TransferDir) -> u64 {
+        use std::io::{Read, Seek, SeekFrom};
+        let Ok(files) = td.journals() else {
+            return self.bytes;
+        };
+        for (_, path) in files {
+            let off = *self.offsets.get(&path).unwrap_or(&(RECORD_SIZE as u64));
+            let Ok(mut f) = File::open(&path) else { continue };
+            if f.seek(SeekFrom::Start(off)).is_err() {
+                continue;
+            }
+            let mut buf = Vec::new();
+            if f.read_to_end(&mut buf).is_err() {
+                continue;
+            }
+            let whole = buf.len() / RECORD_SIZE * RECORD_SIZE;
+            for rec in buf[..whole].chunks(RECORD_SIZE) {
+                if let Some(r) = UnitDone::decode(rec) {
+                    if self.seen.insert(r.unit) {
+                        self.bytes += r.len;
+                    }
+                }
+            }
+            self.offsets.insert(path, off + whole as u64);
+        }
+        self.bytes
+    }
+}

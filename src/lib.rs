@@ -6,7 +6,8 @@
 //! | concept | module |
 //! |---|---|
 //! | the error space (class, errno, op, path, rank) | [`error`] |
-//! | collectives (one rank, N threads; MPI drops in) | [`comm`] |
+//! | collectives (one rank, N threads) | [`comm`] |
+//! | collectives over MPI (feature `mpi`) | `mpi_comm` |
 //! | walking sources, units, assignment to ranks | [`plan`] |
 //! | copying a rank's units into temporary names | [`engine`] |
 //! | per-rank journals of finished units | [`journal`] |
@@ -28,6 +29,8 @@ pub mod failpoints;
 pub mod fsio;
 pub mod journal;
 pub mod manifest;
+#[cfg(feature = "mpi")]
+pub mod mpi_comm;
 pub mod pathser;
 pub mod plan;
 pub mod size;

@@ -191,38 +191,106 @@ fn init_log(verbose: u8, quiet: bool) {
     }
 }
 
+/// How the ranks of this run exist: in this process (one, or `--ranks N` threads), or as the
+/// processes of an MPI job.
+#[derive(Clone, Copy)]
+enum Launch<'a> {
+    Local,
+    #[cfg(feature = "mpi")]
+    Mpi(&'a ferry::mpi_comm::MpiComm),
+    #[cfg(not(feature = "mpi"))]
+    #[allow(dead_code)]
+    Never(std::marker::PhantomData<&'a ()>),
+}
+
 fn main() {
     let cli = Cli::parse();
-    let quiet = match &cli.cmd {
-        Cmd::Copy { out, .. } | Cmd::Resume { out, .. } => out.quiet || out.json,
-        Cmd::Status { json, .. } | Cmd::Verify { json, .. } | Cmd::List { json, .. } => *json,
-        _ => false,
+    let (quiet, json) = match &cli.cmd {
+        Cmd::Copy { out, .. } | Cmd::Resume { out, .. } => (out.quiet || out.json, out.json),
+        Cmd::Status { json, .. } | Cmd::Verify { json, .. } | Cmd::List { json, .. } => {
+            (*json, *json)
+        }
+        _ => (false, false),
     };
     init_log(cli.verbose, quiet);
-    let json = match &cli.cmd {
-        Cmd::Copy { out, .. } | Cmd::Resume { out, .. } => out.json,
-        Cmd::Status { json, .. } | Cmd::Verify { json, .. } | Cmd::List { json, .. } => *json,
-        _ => false,
+    let collective = matches!(cli.cmd, Cmd::Copy { .. } | Cmd::Resume { .. });
+
+    #[cfg(feature = "mpi")]
+    let mpi = if collective && ferry::mpi_comm::launched() {
+        match ferry::mpi_comm::init() {
+            Ok(m) => Some(m),
+            Err(e) => {
+                eprintln!("ferry: error: {e}");
+                std::process::exit(e.exit_code());
+            }
+        }
+    } else {
+        None
     };
-    let code = match run(cli) {
-        Ok(code) => code,
+    #[cfg(feature = "mpi")]
+    let launch = match &mpi {
+        Some(m) => {
+            comm::set_thread_rank(m.comm.rank(), m.comm.size());
+            Launch::Mpi(&m.comm)
+        }
+        None => Launch::Local,
+    };
+    #[cfg(not(feature = "mpi"))]
+    let launch = Launch::Local;
+
+    // Commands that are not collective act once per job: on the launcher's rank 0.
+    if !collective && launcher_rank().is_some_and(|r| r != 0) {
+        std::process::exit(0);
+    }
+    let result = run(cli, launch);
+    let (rank, size) = comm::thread_rank();
+    let code = match &result {
+        Ok(code) => *code,
         Err(e) => {
-            eprintln!("ferry: error: {e}\n  hint: {}", e.hint());
-            if json {
-                let v = serde_json::json!({ "error": e });
-                println!("{v}");
+            // Errors every rank agreed on carry the failing rank: rank 0 tells them once.
+            if rank == 0 || e.rank.is_none() {
+                eprintln!("ferry: error: {e}\n  hint: {}", e.hint());
+                if json {
+                    let v = serde_json::json!({ "error": e });
+                    println!("{v}");
+                }
             }
             e.exit_code()
         }
     };
+    #[cfg(feature = "mpi")]
+    if let (Some(m), Err(e)) = (&mpi, &result) {
+        // An error that did not go through a collective agreement may leave peers waiting in a
+        // collective: end the whole job rather than hang it.
+        if e.rank.is_none() && size > 1 {
+            m.comm.abort(code);
+        }
+    }
+    let _ = size;
+    #[cfg(feature = "mpi")]
+    drop(mpi);
     std::process::exit(code);
+}
+
+/// The rank a launcher gave this process, without initialising MPI.
+fn launcher_rank() -> Option<usize> {
+    #[cfg(feature = "mpi")]
+    {
+        ferry::mpi_comm::launcher_rank()
+    }
+    #[cfg(not(feature = "mpi"))]
+    {
+        ["OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"]
+            .iter()
+            .find_map(|v| std::env::var(v).ok()?.parse().ok())
+    }
 }
 
 fn locate(id: &str, state_dir: Option<&std::path::Path>) -> ferry::Result<TransferDir> {
     state::locate(id, state_dir)
 }
 
-fn run(cli: Cli) -> ferry::Result<i32> {
+fn run(cli: Cli, launch: Launch) -> ferry::Result<i32> {
     match cli.cmd {
         Cmd::Copy {
             mut paths,
@@ -244,7 +312,7 @@ fn run(cli: Cli) -> ferry::Result<i32> {
             opts.threads = threads.unwrap_or_else(default_threads);
             opts.delete_source = delete_source;
             opts.verify = verify;
-            let sum = run_ranks(&out, |c, run| transfer::copy(c, &opts, run))?;
+            let sum = run_ranks(&out, launch, |c, run| transfer::copy(c, &opts, run))?;
             report(&sum, &out);
             Ok(0)
         }
@@ -255,7 +323,7 @@ fn run(cli: Cli) -> ferry::Result<i32> {
             verify,
             out,
         } => {
-            let sum = run_ranks(&out, |c, run| {
+            let sum = run_ranks(&out, launch, |c, run| {
                 let mut run = run.clone();
                 run.threads = threads;
                 run.verify = verify;
@@ -380,41 +448,74 @@ fn percent(done: u64, total: u64) -> f64 {
     }
 }
 
-/// Run `f` on every rank (one, or `--ranks N` threads), with a progress bar on rank 0; returns
-/// rank 0's result.
-fn run_ranks<F>(out: &Output, f: F) -> ferry::Result<Summary>
+/// Where the progress bar reads bytes done: this process's counters (all its ranks), or the
+/// journals of every rank (an MPI job, whose other ranks live in other processes).
+struct BarSource {
+    counters: Arc<Progress>,
+    journals: bool,
+    transfer: std::sync::Mutex<Option<(TransferDir, u64)>>,
+}
+
+/// Run `f` on every rank (this process's one, `--ranks N` threads, or this MPI rank), with a
+/// progress bar on rank 0; returns this process's rank-0 (or own) result.
+fn run_ranks<F>(out: &Output, launch: Launch, f: F) -> ferry::Result<Summary>
 where
     F: Fn(&dyn Comm, &RunOptions) -> ferry::Result<Summary> + Sync,
 {
     if out.ranks == 0 {
         return Err(Error::usage("--ranks must be at least 1"));
     }
-    let progress = Arc::new(Progress::default());
+    let root = comm::thread_rank().0 == 0;
+    let src = Arc::new(BarSource {
+        counters: Arc::new(Progress::default()),
+        journals: !matches!(launch, Launch::Local),
+        transfer: std::sync::Mutex::new(None),
+    });
     let quiet_json = out.json;
+    let announce_src = src.clone();
     let run = RunOptions {
-        progress: Some(progress.clone()),
-        announce: Some(Arc::new(move |id: &str, dir: &std::path::Path| {
+        progress: Some(src.counters.clone()),
+        announce: Some(Arc::new(move |id: &str, dir: &std::path::Path, total: u64| {
             if !quiet_json {
                 println!("{id}");
                 let _ = std::io::stdout().flush();
             }
             log::debug!("transfer {id}: state in '{}'", dir.display());
+            if let Ok(mut t) = announce_src.transfer.lock() {
+                *t = Some((
+                    TransferDir {
+                        path: dir.to_path_buf(),
+                        id: id.to_string(),
+                    },
+                    total,
+                ));
+            }
         })),
         ..RunOptions::default()
     };
-    let show = out.progress || (!out.quiet && !out.json && std::io::stderr().is_terminal());
+    let show = root && (out.progress || (!out.quiet && !out.json && std::io::stderr().is_terminal()));
     let done = Arc::new(AtomicBool::new(false));
     let bar = show.then(|| {
-        let (p, d) = (progress.clone(), done.clone());
-        std::thread::spawn(move || draw_progress(&p, &d))
+        let (s, d) = (src.clone(), done.clone());
+        std::thread::spawn(move || draw_progress(&s, &d))
     });
-    let result = if out.ranks == 1 {
-        f(&SingleComm, &run)
-    } else {
-        comm::run_threads(out.ranks, |c| f(c, &run))
+    let result = match launch {
+        #[cfg(feature = "mpi")]
+        Launch::Mpi(c) => {
+            if out.ranks > 1 {
+                Err(Error::usage(
+                    "--ranks runs ranks as threads without a launcher; under mpirun or srun the \
+                     launcher gives the ranks",
+                ))
+            } else {
+                f(c, &run)
+            }
+        }
+        _ if out.ranks == 1 => f(&SingleComm, &run),
+        _ => comm::run_threads(out.ranks, |c| f(c, &run))
             .into_iter()
             .next()
-            .unwrap_or_else(|| Err(Error::internal("no ranks ran")))
+            .unwrap_or_else(|| Err(Error::internal("no ranks ran"))),
     };
     done.store(true, Ordering::Relaxed);
     if let Some(b) = bar {
@@ -423,7 +524,7 @@ where
     result
 }
 
-fn draw_progress(p: &Progress, done: &AtomicBool) {
+fn draw_progress(src: &BarSource, done: &AtomicBool) {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -431,16 +532,34 @@ fn draw_progress(p: &Progress, done: &AtomicBool) {
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
+    let mut watch = ferry::journal::Watch::default();
+    let mut sample = || {
+        if src.journals {
+            let t = src.transfer.lock().ok().and_then(|t| t.clone());
+            match t {
+                Some((td, total)) => (watch.poll(&td), total),
+                None => (0, 0),
+            }
+        } else {
+            (
+                src.counters.done.load(Ordering::Relaxed),
+                src.counters.total.load(Ordering::Relaxed),
+            )
+        }
+    };
     while !done.load(Ordering::Relaxed) {
-        bar.set_length(p.total.load(Ordering::Relaxed));
-        bar.set_position(p.done.load(Ordering::Relaxed));
-        std::thread::sleep(Duration::from_millis(100));
+        let (d, t) = sample();
+        bar.set_length(t);
+        bar.set_position(d);
+        std::thread::sleep(Duration::from_millis(200));
     }
-    bar.set_position(p.done.load(Ordering::Relaxed));
     bar.finish_and_clear();
 }
 
 fn report(sum: &Summary, out: &Output) {
+    if comm::thread_rank().0 != 0 {
+        return; // only rank 0 speaks for the job
+    }
     if out.json {
         match serde_json::to_string_pretty(sum) {
             Ok(s) => println!("{s}"),

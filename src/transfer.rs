@@ -84,8 +84,9 @@ impl CopyOptions {
     }
 }
 
-/// Called on rank 0 once the transfer is named and its plan durable: (id, state directory).
-pub type Announce = Arc<dyn Fn(&str, &Path) + Send + Sync>;
+/// Called on rank 0 once the transfer is named and its plan durable: (id, its state directory,
+/// bytes in the plan).
+pub type Announce = Arc<dyn Fn(&str, &Path, u64) + Send + Sync>;
 
 /// Settings of one run (copy or resume) that are not part of the plan.
 #[derive(Clone, Default)]
@@ -155,6 +156,22 @@ fn decode<T: for<'a> Deserialize<'a>>(b: &[u8]) -> Result<T> {
     serde_json::from_slice(b).map_err(|e| Error::internal(format!("decode: {e}")))
 }
 
+/// Every rank must run the same command: a job launched with other arguments on some rank (a
+/// different DST, say) stops here, before anything is touched.
+fn same_command(comm: &dyn Comm, fingerprint: &str) -> Result<()> {
+    let all = comm.allgather(fingerprint.as_bytes())?;
+    match all.iter().position(|b| b != &all[0]) {
+        None => Ok(()),
+        Some(r) => Err(Error::usage(format!(
+            "rank {r} was started with other arguments than rank 0 ({} / {}); every rank of \
+             the job must run the same ferry command",
+            String::from_utf8_lossy(&all[r]),
+            String::from_utf8_lossy(&all[0])
+        ))
+        .on_rank(r)),
+    }
+}
+
 /// Rank 0 computes a value (or an error) that every rank receives.
 fn from_root<T, F>(comm: &dyn Comm, f: F) -> Result<T>
 where
@@ -195,6 +212,21 @@ fn default_state_dir(dest_t: &OsStr, dest_is_dir: bool) -> PathBuf {
 /// Run `ferry copy` on this rank.
 pub fn copy(comm: &dyn Comm, opts: &CopyOptions, run: &RunOptions) -> Result<Summary> {
     let (me, n) = (comm.rank(), comm.size());
+    same_command(
+        comm,
+        &format!(
+            "copy {:?} {:?} id={:?} state-dir={:?} layout={:?} chunk={} threads={} delete={} verify={}",
+            opts.sources,
+            opts.dest,
+            opts.id,
+            opts.state_dir,
+            opts.layout,
+            opts.chunk_size,
+            opts.threads,
+            opts.delete_source,
+            opts.verify
+        ),
+    )?;
     // Every rank resolves its own paths; any bad input stops all of them.
     let local = resolve_inputs(opts, me);
     let (layout, srcs, dst) = agree(comm, local)?;
@@ -428,6 +460,10 @@ pub fn resume(
     state_dir: Option<&Path>,
     run: &RunOptions,
 ) -> Result<Summary> {
+    same_command(
+        comm,
+        &format!("resume {id:?} state-dir={state_dir:?} threads={:?} verify={}", run.threads, run.verify),
+    )?;
     let mut lock = None;
     let got = from_root(comm, || {
         let td = state::locate(id, state_dir)?;
@@ -549,7 +585,7 @@ fn execute(
     }
     if me == 0 {
         if let Some(a) = &run.announce {
-            a(&plan.id, &td.path);
+            a(&plan.id, &td.path, plan.bytes_total());
         }
     }
     let known: Known = from_root(comm, || read_known(td, plan, crc))?;

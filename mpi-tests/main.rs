@@ -1,0 +1,313 @@
+//! ferry under a real MPI launcher: `mpirun -n 1..8` (oversubscribed on a small machine) running
+//! the real binary, in both layouts, with ranks killed, failing and panicking.
+//!
+//! The project sets Open MPI's run-as-root variables and `--oversubscribe` here, as a user never
+//! has to. Every launch runs under a deadline, so a hang fails the test instead of the CI.
+
+#[path = "../tests/it/util.rs"]
+mod util;
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry::state::TransferDir;
+use util::*;
+
+/// How long any MPI job may take in these tests before it counts as hung.
+const DEADLINE: Duration = Duration::from_secs(120);
+/// How long the job may take to end after one of its ranks died.
+const DEATH_BOUND: Duration = Duration::from_secs(20);
+
+fn mpirun(s: &Scratch, n: usize, args: &[&str]) -> Command {
+    let mut c = Command::new("mpirun");
+    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_btl_base_warn_component_unused", "0")
+        .env("FERRY_HOME", s.home())
+        .env("FERRY_TEST_TAG", s.dir.path())
+        .env("FERRY_FAILPOINTS_GATE", s.path("gate"))
+        .env_remove("FERRY_FAILPOINTS")
+        .current_dir(s.dir.path())
+        .stdin(Stdio::null())
+        .args(["--oversubscribe", "--bind-to", "none", "-n", &n.to_string()])
+        .arg(env!("CARGO_BIN_EXE_ferry"))
+        .args(args);
+    c
+}
+
+/// Wait for a child with the deadline; a hung job is killed and fails the test.
+fn wait_deadline(mut child: Child, limit: Duration) -> Output {
+    let t0 = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let o = child.wait_with_output().unwrap();
+            panic!("MPI job still running after {limit:?}; stderr:\n{}", stderr(&o));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn run(s: &Scratch, n: usize, args: &[&str], fp: Option<&str>) -> Output {
+    let mut c = mpirun(s, n, args);
+    if let Some(fp) = fp {
+        c.env("FERRY_FAILPOINTS", fp);
+    }
+    let child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_deadline(child, DEADLINE)
+}
+
+/// The pid of MPI rank `rank` of this scratch's job (found by its environment).
+fn rank_pid(s: &Scratch, rank: usize) -> Option<i32> {
+    let tag = format!("FERRY_TEST_TAG={}", s.dir.path().display());
+    let want = format!("OMPI_COMM_WORLD_RANK={rank}");
+    for e in fs::read_dir("/proc").ok()? {
+        let e = e.ok()?;
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(env) = fs::read(e.path().join("environ")) else { continue };
+        let vars: Vec<&[u8]> = env.split(|&b| b == 0).collect();
+        if vars.iter().any(|v| *v == tag.as_bytes()) && vars.iter().any(|v| *v == want.as_bytes()) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+fn sources(s: &Scratch, files: usize, size: u64) -> PathBuf {
+    let src = s.path("src");
+    let mut r = Rng::new(3);
+    for i in 0..files {
+        write_file(&src.join(format!("d{}/f{i}", i % 3)), size + i as u64 * 1013, &mut r);
+    }
+    fs::create_dir_all(src.join("empty")).unwrap();
+    std::os::unix::fs::symlink("d0/f0", src.join("ln")).unwrap();
+    src
+}
+
+fn committed(state: &Path, id: &str) -> bool {
+    state.join(id).join("commit").exists()
+}
+
+#[test]
+fn shared_layout_on_1_2_4_8_ranks_is_identical_balanced_and_committed_by_rank_0() {
+    let s = Scratch::new();
+    let src = s.path("src");
+    let chunk = 256 << 10;
+    awkward_tree(&src, chunk, 3 << 20, 8);
+    for n in [1, 2, 4, 8] {
+        let dst = format!("dst{n}");
+        let mut c = mpirun(&s, n, &["copy", "--json", "--chunk-size", "256K", "--threads", "2", "src", &dst]);
+        c.env("FERRY_FAILPOINTS_LIST", "1");
+        let o = wait_deadline(c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap(), DEADLINE);
+        expect_code(&o, 0);
+        let sum: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_same_tree(&src, &s.path(&dst));
+        let per: Vec<u64> = sum["bytes_per_rank"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        assert_eq!(per.len(), n);
+        let (mx, mn) = (per.iter().max().unwrap(), per.iter().min().unwrap());
+        assert!(mx - mn <= chunk, "n={n}: unbalanced {per:?}");
+        // Only rank 0 passes the commit record's failpoints, once.
+        let err = stderr(&o);
+        let writers: Vec<&str> = err
+            .lines()
+            .filter(|l| l.starts_with("failpoint commit::record_written"))
+            .collect();
+        assert_eq!(writers, vec!["failpoint commit::record_written r0"], "n={n}");
+        // Only rank 0 prints the summary: one JSON document on stdout.
+        assert_eq!(stdout(&o).matches("\"id\"").count(), 1);
+        let id = sum["id"].as_str().unwrap();
+        expect_code(&s.run(&["verify", id]), 0);
+    }
+}
+
+#[test]
+fn local_layout_private_sources_unequal_loads_and_duplicate_destinations() {
+    let s = Scratch::new();
+    let mut r = Rng::new(4);
+    let loads = [30usize, 0, 2, 7];
+    for (rank, &k) in loads.iter().enumerate() {
+        fs::create_dir_all(s.path(&format!("node{rank}/ckpt"))).unwrap();
+        for f in 0..k {
+            write_file(&s.path(&format!("node{rank}/ckpt/part.{f}")), 1 + r.below(400_000), &mut r);
+        }
+    }
+    let o = run(&s, 4, &["copy", "--json", "--chunk-size", "64K", "node{rank}/ckpt", "pfs/rank{rank}"], None);
+    expect_code(&o, 0);
+    let sum: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for rank in 0..4 {
+        assert_same_tree(&s.path(&format!("node{rank}/ckpt")), &s.path(&format!("pfs/rank{rank}")));
+    }
+    let per = sum["bytes_per_rank"].as_array().unwrap();
+    assert_eq!(per[1], 0, "the rank without files copied nothing");
+    // One destination for every rank's files: refused before any data moves.
+    let o = run(&s, 4, &["copy", "node{rank}/ckpt", "pfs/shared"], None);
+    expect_code(&o, 2);
+    assert!(stderr(&o).contains("would both be copied"), "{}", stderr(&o));
+    assert_eq!(stderr(&o).matches("ferry: error").count(), 1, "rank 0 alone reports it");
+    assert!(!s.path("pfs/shared/part.0").exists());
+    assert!(temps_in(&s.path("pfs")).is_empty());
+}
+
+#[test]
+fn sigkill_of_any_rank_ends_the_job_and_resume_on_any_count_converges() {
+    for (victim, again) in [(0usize, 4usize), (1, 2), (2, 8), (3, 1)] {
+        let s = Scratch::new();
+        let src = sources(&s, 12, 2 << 20);
+        let state = s.path("dst/.ferry");
+        let mut c = mpirun(&s, 4, &["copy", "--chunk-size", "512K", "--threads", "1", "src", "dst"]);
+        // Slow every unit down so the kill lands mid-copy.
+        c.env("FERRY_FAILPOINTS", "copy::unit_written=delay(60)");
+        let mut child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let id = line.trim().to_string();
+        let td = TransferDir::new(&state, &id);
+        wait_for(DEADLINE, || ferry::status::status(&td).bytes_done > 0);
+        let pid = rank_pid(&s, victim).expect("rank pid");
+        assert_eq!(unsafe { libc_kill(pid, 9) }, 0);
+        let t0 = Instant::now();
+        let o = wait_deadline(child, DEATH_BOUND);
+        let ended = t0.elapsed();
+        eprintln!("rank {victim} killed: job ended in {ended:?} (exit {:?})", o.status.code());
+        assert!(!o.status.success());
+        assert!(!committed(&state, &id), "no commit after a rank died");
+        assert_no_torn_finals(&src, &s.path("dst"));
+        assert_eq!(ferry::status::status(&td).state, ferry::State::Interrupted);
+        let o = run(&s, again, &["resume", &id, "--json"], None);
+        expect_code(&o, 0);
+        let sum: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert!(sum["bytes_reused"].as_u64().unwrap() > 0, "{sum}");
+        assert_same_tree(&src, &s.path("dst"));
+        expect_code(&s.run(&["verify", &id]), 0);
+    }
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+#[test]
+fn an_error_on_one_rank_reaches_every_rank_and_a_resume_completes_once_fixed() {
+    let s = Scratch::new();
+    let mut r = Rng::new(5);
+    for rank in 0..4 {
+        for f in 0..3 {
+            write_file(&s.path(&format!("n{rank}/f{f}")), 100_000, &mut r);
+        }
+    }
+    let victim = s.path("n2/f1");
+    let saved = fs::read(&victim).unwrap();
+    let mtime = fs::metadata(&victim).unwrap().modified().unwrap();
+    let dir_mtime = {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(s.path("n2")).unwrap();
+        (m.mtime(), m.mtime_nsec() as u32)
+    };
+    let mut c = mpirun(&s, 4, &["copy", "--id", "e", "n{rank}", "out/r{rank}"]);
+    c.env("FERRY_FAILPOINTS", "plan::written=pause@0");
+    let mut child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    s.wait_paused(&mut child);
+    fs::remove_file(&victim).unwrap();
+    s.release();
+    let o = wait_deadline(child, DEADLINE);
+    expect_code(&o, 7);
+    let err = stderr(&o);
+    assert!(err.contains("[rank 2]") && err.contains("n2/f1") && err.contains("not-found"), "{err}");
+    assert!(!committed(&s.path("out/.ferry"), "e"));
+    let st = status(&s, "e", &s.path("out/.ferry"));
+    assert_eq!(st["state"], "failed");
+    assert_eq!(st["error"]["rank"], 2);
+    fs::write(&victim, &saved).unwrap();
+    fs::File::options().write(true).open(&victim).unwrap().set_modified(mtime).unwrap();
+    ferry::fsio::set_times_nofollow(&s.path("n2"), dir_mtime).unwrap();
+    let o = run(&s, 4, &["resume", "e"], None);
+    expect_code(&o, 0);
+    for rank in 0..4 {
+        assert_same_tree(&s.path(&format!("n{rank}")), &s.path(&format!("out/r{rank}")));
+    }
+}
+
+#[test]
+fn status_and_cancel_from_another_process_while_the_job_runs() {
+    let s = Scratch::new();
+    sources(&s, 9, 300_000);
+    let mut c = mpirun(&s, 4, &["copy", "--id", "c", "--chunk-size", "16K", "src", "dst"]);
+    c.env("FERRY_FAILPOINTS", "journal::synced=pause@0#1");
+    let mut child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    s.wait_paused(&mut child);
+    let st = status(&s, "c", &s.path("dst/.ferry"));
+    assert_eq!(st["state"], "copying", "{st}");
+    assert!(st["live"].as_str().unwrap().contains("pid"));
+    let canceller = s.ferry().args(["cancel", "c"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for(DEADLINE, || s.path("dst/.ferry/c/cancel-request").exists());
+    s.release();
+    let o = wait_deadline(child, DEADLINE);
+    expect_code(&o, 4);
+    let o = wait_deadline(canceller, DEADLINE);
+    expect_code(&o, 0);
+    assert_eq!(status(&s, "c", &s.path("dst/.ferry"))["state"], "cancelled");
+    assert!(temps_in(&s.path("dst")).is_empty());
+}
+
+#[test]
+fn ranks_started_with_different_arguments_stop_before_any_data_moves() {
+    let s = Scratch::new();
+    sources(&s, 2, 1000);
+    let bin = env!("CARGO_BIN_EXE_ferry");
+    let mut c = mpirun(&s, 1, &["copy", "src", "dstA"]);
+    c.args([":", "-n", "1", bin, "copy", "src", "dstB"]);
+    let o = wait_deadline(c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap(), DEADLINE);
+    expect_code(&o, 2);
+    assert!(stderr(&o).contains("other arguments"), "{}", stderr(&o));
+    assert!(!s.path("dstA").exists() && !s.path("dstB").exists());
+}
+
+#[test]
+fn a_panic_on_any_rank_in_any_thread_ends_the_job_promptly() {
+    let s = Scratch::new();
+    let src = sources(&s, 6, 200_000);
+    let t0 = Instant::now();
+    let o = run(&s, 4, &["copy", "--id", "p", "--chunk-size", "32K", "--threads", "2", "src", "dst"], Some("copy::unit_written=panic@1#2"));
+    let took = t0.elapsed();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("panic"), "{}", stderr(&o));
+    assert!(took < DEATH_BOUND, "took {took:?}");
+    eprintln!("job ended {took:?} after start, with a panic on rank 1");
+    assert!(!committed(&s.path("dst/.ferry"), "p"));
+    let o = run(&s, 4, &["resume", "p"], None);
+    expect_code(&o, 0);
+    assert_same_tree(&src, &s.path("dst"));
+}
+
+#[test]
+fn a_rank_killed_in_the_commit_phase_never_leaves_a_false_commit() {
+    for point in ["commit::renamed", "commit::dirs_synced", "commit::decision_written"] {
+        let s = Scratch::new();
+        let src = sources(&s, 8, 50_000);
+        let o = run(&s, 4, &["copy", "--id", "k", "--chunk-size", "16K", "src", "dst"], Some(&format!("{point}=exit#1")));
+        assert!(!o.status.success(), "{point}");
+        assert!(!committed(&s.path("dst/.ferry"), "k"), "{point}");
+        assert_no_torn_finals(&src, &s.path("dst"));
+        let o = run(&s, 2, &["resume", "k"], None);
+        expect_code(&o, 0);
+        assert_same_tree(&src, &s.path("dst"));
+    }
+}
+
+#[test]
+fn without_a_launcher_the_same_binary_is_one_rank_also_as_an_mpi_singleton() {
+    let s = Scratch::new();
+    let src = sources(&s, 3, 10_000);
+    let o = s.ferry().env("FERRY_MPI", "1").env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1").args(["copy", "--json", "src", "dst"]).output().unwrap();
+    expect_code(&o, 0);
+    let sum: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(sum["ranks"], 1);
+    assert_same_tree(&src, &s.path("dst"));
+}

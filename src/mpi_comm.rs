@@ -1,0 +1,211 @@
+//! The MPI implementation of [`Comm`] (cargo feature `mpi`, on by default), over rsmpi.
+//!
+//! Every collective is issued as a non-blocking MPI operation and polled: a few quick polls, then
+//! a 1 ms sleep between polls. A rank blocked in a plain MPI collective spins a core at 100%
+//! (`../shared/notes/mpi.md`), which on an oversubscribed node steals the CPU its peers need to
+//! finish the very copy it waits for. Variable-size data goes as a size exchange followed by an
+//! `MPI_Iallgatherv` / `MPI_Ibcast`. This module also owns MPI start-up and the panic hook that
+//! turns a panic on any rank, in any thread, into `MPI_Abort` (a default Rust panic under MPI
+//! hangs the whole job). It never touches files.
+
+use std::time::Duration;
+
+use mpi::datatype::PartitionMut;
+use mpi::environment::Universe;
+use mpi::request::{Request, Scope};
+use mpi::topology::{Communicator, SimpleCommunicator};
+use mpi::traits::*;
+use mpi::Count;
+
+use crate::comm::Comm;
+use crate::error::{Error, ErrorClass, Result};
+
+/// The world communicator of an MPI job.
+pub struct MpiComm {
+    world: SimpleCommunicator,
+    rank: usize,
+    size: usize,
+}
+
+/// MPI as this process started it. Keep it alive until the end of `main`: dropping it finalizes
+/// MPI.
+pub struct Mpi {
+    /// The universe (finalizes MPI on drop).
+    pub universe: Universe,
+    /// The collectives over `MPI_COMM_WORLD`.
+    pub comm: MpiComm,
+}
+
+/// Whether this process was started by an MPI launcher (mpirun, srun, ...), judged from the
+/// environment the launchers set. `FERRY_MPI=1` forces MPI (a singleton), `FERRY_MPI=0` avoids it.
+pub fn launched() -> bool {
+    match std::env::var("FERRY_MPI").as_deref() {
+        Ok("1") => return true,
+        Ok("0") => return false,
+        _ => {}
+    }
+    [
+        "OMPI_COMM_WORLD_SIZE",
+        "PMIX_RANK",
+        "PMI_RANK",
+        "PMI_SIZE",
+        "MPI_LOCALNRANKS",
+        "MV2_COMM_WORLD_SIZE",
+    ]
+    .iter()
+    .any(|v| std::env::var_os(v).is_some())
+}
+
+/// The rank a launcher gave this process, from its environment (without initialising MPI).
+pub fn launcher_rank() -> Option<usize> {
+    [
+        "OMPI_COMM_WORLD_RANK",
+        "PMIX_RANK",
+        "PMI_RANK",
+        "SLURM_PROCID",
+    ]
+    .iter()
+    .find_map(|v| std::env::var(v).ok()?.parse().ok())
+}
+
+/// Initialise MPI (threads may exist, only the main thread calls MPI) and install the panic hook.
+pub fn init() -> Result<Mpi> {
+    let (universe, _threading) = mpi::initialize_with_threading(mpi::Threading::Funneled)
+        .ok_or_else(|| Error::internal("MPI was already initialised"))?;
+    let world = universe.world();
+    let comm = MpiComm {
+        rank: world.rank() as usize,
+        size: world.size() as usize,
+        world,
+    };
+    install_panic_hook(comm.rank, comm.size);
+    Ok(Mpi { universe, comm })
+}
+
+/// On a panic anywhere (a copy thread included): print it with the rank, then `MPI_Abort`, which
+/// ends every rank of the job at once instead of leaving them waiting in a collective.
+fn install_panic_hook(rank: usize, size: usize) {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        eprintln!("ferry r{rank}/{size} error: internal: panic: {info} — aborting the MPI job");
+        default(info);
+        // SAFETY: MPI_Abort may be called from any thread once MPI is initialised; it does not
+        // return. RSMPI_COMM_WORLD is the predefined world communicator.
+        unsafe {
+            mpi::ffi::MPI_Abort(mpi::ffi::RSMPI_COMM_WORLD, 101);
+        }
+    }));
+}
+
+/// Wait for a request without spinning a core: poll quickly at first, then every millisecond.
+fn wait_polled<'a, R: ?Sized, S: Scope<'a>>(mut req: Request<'a, R, S>) {
+    let mut polls = 0u32;
+    loop {
+        match req.test() {
+            Ok(_) => return,
+            Err(r) => req = r,
+        }
+        polls += 1;
+        if polls < 64 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+fn too_big(n: usize) -> Error {
+    Error::new(
+        ErrorClass::Internal,
+        format!("a collective message of {n} bytes exceeds MPI's 2 GiB count limit"),
+    )
+}
+
+impl MpiComm {
+    /// End every rank of the job with `code` (for errors that leave ranks out of step).
+    pub fn abort(&self, code: i32) -> ! {
+        self.world.abort(code)
+    }
+}
+
+impl Comm for MpiComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn allgather(&self, data: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let n = self.size;
+        // Open MPI rejects zero-count buffers in MPI_Iallgatherv (MPI_ERR_ARG): every
+        // contribution carries one trailing byte, stripped on receipt.
+        let mut framed = Vec::with_capacity(data.len() + 1);
+        framed.extend_from_slice(data);
+        framed.push(0);
+        let data = &framed[..];
+        let mine = data.len() as u64;
+        let mut sizes = vec![0u64; n];
+        mpi::request::scope(|scope| {
+            wait_polled(self.world.immediate_all_gather_into(scope, &mine, &mut sizes[..]));
+        });
+        let total: u64 = sizes.iter().sum();
+        if total > Count::MAX as u64 {
+            return Err(too_big(total as usize));
+        }
+        let counts: Vec<Count> = sizes.iter().map(|&s| s as Count).collect();
+        let displs: Vec<Count> = counts
+            .iter()
+            .scan(0, |acc, &c| {
+                let d = *acc;
+                *acc += c;
+                Some(d)
+            })
+            .collect();
+        let mut buf = vec![0u8; total as usize];
+        {
+            let mut part = PartitionMut::new(&mut buf[..], &counts[..], &displs[..]);
+            mpi::request::scope(|scope| {
+                wait_polled(
+                    self.world
+                        .immediate_all_gather_varcount_into(scope, data, &mut part),
+                );
+            });
+        }
+        let mut out = Vec::with_capacity(n);
+        for r in 0..n {
+            let d = displs[r] as usize;
+            out.push(buf[d..d + counts[r] as usize - 1].to_vec());
+        }
+        Ok(out)
+    }
+
+    fn broadcast(&self, root: usize, data: &[u8]) -> Result<Vec<u8>> {
+        let proc = self.world.process_at_rank(root as i32);
+        let mut len: u64 = if self.rank == root { data.len() as u64 } else { 0 };
+        mpi::request::scope(|scope| {
+            wait_polled(proc.immediate_broadcast_into(scope, &mut len));
+        });
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let mut buf = if self.rank == root {
+            data.to_vec()
+        } else {
+            vec![0u8; len as usize]
+        };
+        // MPI counts are ints: send big payloads in pieces.
+        for piece in buf.chunks_mut(1 << 30) {
+            mpi::request::scope(|scope| {
+                wait_polled(proc.immediate_broadcast_into(scope, piece));
+            });
+        }
+        Ok(buf)
+    }
+
+    fn barrier(&self) -> Result<()> {
+        wait_polled(self.world.immediate_barrier());
+        Ok(())
+    }
+}
