@@ -21,10 +21,12 @@ release: deps
 lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets --features failpoints -- -D warnings
+	$(CARGO) clippy --all-targets --no-default-features -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --quiet
 
 # Every test: unit tests, the integration suite (real binary, in-process ranks, SIGKILL and
-# failpoint crashes). One build with the failpoints feature serves all of them.
+# failpoint crashes) and mpi-tests/ (the real binary under mpirun -n 1..8). One build with the
+# failpoints feature serves all of them.
 test: deps lint
 	mkdir -p $(FERRY_TEST_TMP)
 	$(CARGO) test --features failpoints -- --test-threads 2

@@ -48,7 +48,10 @@ fn wait_deadline(mut child: Child, limit: Duration) -> Output {
         if t0.elapsed() > limit {
             let _ = child.kill();
             let o = child.wait_with_output().unwrap();
-            panic!("MPI job still running after {limit:?}; stderr:\n{}", stderr(&o));
+            panic!(
+                "MPI job still running after {limit:?}; stderr:\n{}",
+                stderr(&o)
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -59,7 +62,11 @@ fn run(s: &Scratch, n: usize, args: &[&str], fp: Option<&str>) -> Output {
     if let Some(fp) = fp {
         c.env("FERRY_FAILPOINTS", fp);
     }
-    let child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     wait_deadline(child, DEADLINE)
 }
 
@@ -69,10 +76,14 @@ fn rank_pid(s: &Scratch, rank: usize) -> Option<i32> {
     let want = format!("OMPI_COMM_WORLD_RANK={rank}");
     for e in fs::read_dir("/proc").ok()? {
         let e = e.ok()?;
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(env) = fs::read(e.path().join("environ")) else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(env) = fs::read(e.path().join("environ")) else {
+            continue;
+        };
         let vars: Vec<&[u8]> = env.split(|&b| b == 0).collect();
-        if vars.iter().any(|v| *v == tag.as_bytes()) && vars.iter().any(|v| *v == want.as_bytes()) {
+        if vars.contains(&tag.as_bytes()) && vars.contains(&want.as_bytes()) {
             return Some(pid);
         }
     }
@@ -83,7 +94,11 @@ fn sources(s: &Scratch, files: usize, size: u64) -> PathBuf {
     let src = s.path("src");
     let mut r = Rng::new(3);
     for i in 0..files {
-        write_file(&src.join(format!("d{}/f{i}", i % 3)), size + i as u64 * 1013, &mut r);
+        write_file(
+            &src.join(format!("d{}/f{i}", i % 3)),
+            size + i as u64 * 1013,
+            &mut r,
+        );
     }
     fs::create_dir_all(src.join("empty")).unwrap();
     std::os::unix::fs::symlink("d0/f0", src.join("ln")).unwrap();
@@ -102,13 +117,37 @@ fn shared_layout_on_1_2_4_8_ranks_is_identical_balanced_and_committed_by_rank_0(
     awkward_tree(&src, chunk, 3 << 20, 8);
     for n in [1, 2, 4, 8] {
         let dst = format!("dst{n}");
-        let mut c = mpirun(&s, n, &["copy", "--json", "--chunk-size", "256K", "--threads", "2", "src", &dst]);
+        let mut c = mpirun(
+            &s,
+            n,
+            &[
+                "copy",
+                "--json",
+                "--chunk-size",
+                "256K",
+                "--threads",
+                "2",
+                "src",
+                &dst,
+            ],
+        );
         c.env("FERRY_FAILPOINTS_LIST", "1");
-        let o = wait_deadline(c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap(), DEADLINE);
+        let o = wait_deadline(
+            c.stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+            DEADLINE,
+        );
         expect_code(&o, 0);
         let sum: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         assert_same_tree(&src, &s.path(&dst));
-        let per: Vec<u64> = sum["bytes_per_rank"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        let per: Vec<u64> = sum["bytes_per_rank"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
         assert_eq!(per.len(), n);
         let (mx, mn) = (per.iter().max().unwrap(), per.iter().min().unwrap());
         assert!(mx - mn <= chunk, "n={n}: unbalanced {per:?}");
@@ -118,7 +157,11 @@ fn shared_layout_on_1_2_4_8_ranks_is_identical_balanced_and_committed_by_rank_0(
             .lines()
             .filter(|l| l.starts_with("failpoint commit::record_written"))
             .collect();
-        assert_eq!(writers, vec!["failpoint commit::record_written r0"], "n={n}");
+        assert_eq!(
+            writers,
+            vec!["failpoint commit::record_written r0"],
+            "n={n}"
+        );
         // Only rank 0 prints the summary: one JSON document on stdout.
         assert_eq!(stdout(&o).matches("\"id\"").count(), 1);
         let id = sum["id"].as_str().unwrap();
@@ -134,22 +177,49 @@ fn local_layout_private_sources_unequal_loads_and_duplicate_destinations() {
     for (rank, &k) in loads.iter().enumerate() {
         fs::create_dir_all(s.path(&format!("node{rank}/ckpt"))).unwrap();
         for f in 0..k {
-            write_file(&s.path(&format!("node{rank}/ckpt/part.{f}")), 1 + r.below(400_000), &mut r);
+            write_file(
+                &s.path(&format!("node{rank}/ckpt/part.{f}")),
+                1 + r.below(400_000),
+                &mut r,
+            );
         }
     }
-    let o = run(&s, 4, &["copy", "--json", "--chunk-size", "64K", "node{rank}/ckpt", "pfs/rank{rank}"], None);
+    let o = run(
+        &s,
+        4,
+        &[
+            "copy",
+            "--json",
+            "--chunk-size",
+            "64K",
+            "node{rank}/ckpt",
+            "pfs/rank{rank}",
+        ],
+        None,
+    );
     expect_code(&o, 0);
     let sum: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     for rank in 0..4 {
-        assert_same_tree(&s.path(&format!("node{rank}/ckpt")), &s.path(&format!("pfs/rank{rank}")));
+        assert_same_tree(
+            &s.path(&format!("node{rank}/ckpt")),
+            &s.path(&format!("pfs/rank{rank}")),
+        );
     }
     let per = sum["bytes_per_rank"].as_array().unwrap();
     assert_eq!(per[1], 0, "the rank without files copied nothing");
     // One destination for every rank's files: refused before any data moves.
     let o = run(&s, 4, &["copy", "node{rank}/ckpt", "pfs/shared"], None);
     expect_code(&o, 2);
-    assert!(stderr(&o).contains("would both be copied"), "{}", stderr(&o));
-    assert_eq!(stderr(&o).matches("ferry: error").count(), 1, "rank 0 alone reports it");
+    assert!(
+        stderr(&o).contains("would both be copied"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        stderr(&o).matches("ferry: error").count(),
+        1,
+        "rank 0 alone reports it"
+    );
     assert!(!s.path("pfs/shared/part.0").exists());
     assert!(temps_in(&s.path("pfs")).is_empty());
 }
@@ -160,12 +230,30 @@ fn sigkill_of_any_rank_ends_the_job_and_resume_on_any_count_converges() {
         let s = Scratch::new();
         let src = sources(&s, 12, 2 << 20);
         let state = s.path("dst/.ferry");
-        let mut c = mpirun(&s, 4, &["copy", "--chunk-size", "512K", "--threads", "1", "src", "dst"]);
+        let mut c = mpirun(
+            &s,
+            4,
+            &[
+                "copy",
+                "--chunk-size",
+                "512K",
+                "--threads",
+                "1",
+                "src",
+                "dst",
+            ],
+        );
         // Slow every unit down so the kill lands mid-copy.
         c.env("FERRY_FAILPOINTS", "copy::unit_written=delay(60)");
-        let mut child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut child = c
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         let id = line.trim().to_string();
         let td = TransferDir::new(&state, &id);
         wait_for(DEADLINE, || ferry::status::status(&td).bytes_done > 0);
@@ -174,7 +262,10 @@ fn sigkill_of_any_rank_ends_the_job_and_resume_on_any_count_converges() {
         let t0 = Instant::now();
         let o = wait_deadline(child, DEATH_BOUND);
         let ended = t0.elapsed();
-        eprintln!("rank {victim} killed: job ended in {ended:?} (exit {:?})", o.status.code());
+        eprintln!(
+            "rank {victim} killed: job ended in {ended:?} (exit {:?})",
+            o.status.code()
+        );
         assert!(!o.status.success());
         assert!(!committed(&state, &id), "no commit after a rank died");
         assert_no_torn_finals(&src, &s.path("dst"));
@@ -212,25 +303,40 @@ fn an_error_on_one_rank_reaches_every_rank_and_a_resume_completes_once_fixed() {
     };
     let mut c = mpirun(&s, 4, &["copy", "--id", "e", "n{rank}", "out/r{rank}"]);
     c.env("FERRY_FAILPOINTS", "plan::written=pause@0");
-    let mut child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     s.wait_paused(&mut child);
     fs::remove_file(&victim).unwrap();
     s.release();
     let o = wait_deadline(child, DEADLINE);
     expect_code(&o, 7);
     let err = stderr(&o);
-    assert!(err.contains("[rank 2]") && err.contains("n2/f1") && err.contains("not-found"), "{err}");
+    assert!(
+        err.contains("[rank 2]") && err.contains("n2/f1") && err.contains("not-found"),
+        "{err}"
+    );
     assert!(!committed(&s.path("out/.ferry"), "e"));
     let st = status(&s, "e", &s.path("out/.ferry"));
     assert_eq!(st["state"], "failed");
     assert_eq!(st["error"]["rank"], 2);
     fs::write(&victim, &saved).unwrap();
-    fs::File::options().write(true).open(&victim).unwrap().set_modified(mtime).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&victim)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
     ferry::fsio::set_times_nofollow(&s.path("n2"), dir_mtime).unwrap();
     let o = run(&s, 4, &["resume", "e"], None);
     expect_code(&o, 0);
     for rank in 0..4 {
-        assert_same_tree(&s.path(&format!("n{rank}")), &s.path(&format!("out/r{rank}")));
+        assert_same_tree(
+            &s.path(&format!("n{rank}")),
+            &s.path(&format!("out/r{rank}")),
+        );
     }
 }
 
@@ -238,14 +344,28 @@ fn an_error_on_one_rank_reaches_every_rank_and_a_resume_completes_once_fixed() {
 fn status_and_cancel_from_another_process_while_the_job_runs() {
     let s = Scratch::new();
     sources(&s, 9, 300_000);
-    let mut c = mpirun(&s, 4, &["copy", "--id", "c", "--chunk-size", "16K", "src", "dst"]);
-    c.env("FERRY_FAILPOINTS", "journal::synced=pause@0#1");
-    let mut child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut c = mpirun(
+        &s,
+        4,
+        &["copy", "--id", "c", "--chunk-size", "16K", "src", "dst"],
+    );
+    c.env("FERRY_FAILPOINTS", "copy::unit_start=pause@0#3");
+    let mut child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     s.wait_paused(&mut child);
     let st = status(&s, "c", &s.path("dst/.ferry"));
     assert_eq!(st["state"], "copying", "{st}");
     assert!(st["live"].as_str().unwrap().contains("pid"));
-    let canceller = s.ferry().args(["cancel", "c"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let canceller = s
+        .ferry()
+        .args(["cancel", "c"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     wait_for(DEADLINE, || s.path("dst/.ferry/c/cancel-request").exists());
     s.release();
     let o = wait_deadline(child, DEADLINE);
@@ -263,7 +383,13 @@ fn ranks_started_with_different_arguments_stop_before_any_data_moves() {
     let bin = env!("CARGO_BIN_EXE_ferry");
     let mut c = mpirun(&s, 1, &["copy", "src", "dstA"]);
     c.args([":", "-n", "1", bin, "copy", "src", "dstB"]);
-    let o = wait_deadline(c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap(), DEADLINE);
+    let o = wait_deadline(
+        c.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+        DEADLINE,
+    );
     expect_code(&o, 2);
     assert!(stderr(&o).contains("other arguments"), "{}", stderr(&o));
     assert!(!s.path("dstA").exists() && !s.path("dstB").exists());
@@ -274,7 +400,22 @@ fn a_panic_on_any_rank_in_any_thread_ends_the_job_promptly() {
     let s = Scratch::new();
     let src = sources(&s, 6, 200_000);
     let t0 = Instant::now();
-    let o = run(&s, 4, &["copy", "--id", "p", "--chunk-size", "32K", "--threads", "2", "src", "dst"], Some("copy::unit_written=panic@1#2"));
+    let o = run(
+        &s,
+        4,
+        &[
+            "copy",
+            "--id",
+            "p",
+            "--chunk-size",
+            "32K",
+            "--threads",
+            "2",
+            "src",
+            "dst",
+        ],
+        Some("copy::unit_written=panic@1#2"),
+    );
     let took = t0.elapsed();
     assert!(!o.status.success());
     assert!(stderr(&o).contains("panic"), "{}", stderr(&o));
@@ -288,10 +429,19 @@ fn a_panic_on_any_rank_in_any_thread_ends_the_job_promptly() {
 
 #[test]
 fn a_rank_killed_in_the_commit_phase_never_leaves_a_false_commit() {
-    for point in ["commit::renamed", "commit::dirs_synced", "commit::decision_written"] {
+    for point in [
+        "commit::renamed",
+        "commit::dirs_synced",
+        "commit::decision_written",
+    ] {
         let s = Scratch::new();
         let src = sources(&s, 8, 50_000);
-        let o = run(&s, 4, &["copy", "--id", "k", "--chunk-size", "16K", "src", "dst"], Some(&format!("{point}=exit#1")));
+        let o = run(
+            &s,
+            4,
+            &["copy", "--id", "k", "--chunk-size", "16K", "src", "dst"],
+            Some(&format!("{point}=exit#1")),
+        );
         assert!(!o.status.success(), "{point}");
         assert!(!committed(&s.path("dst/.ferry"), "k"), "{point}");
         assert_no_torn_finals(&src, &s.path("dst"));
@@ -305,7 +455,14 @@ fn a_rank_killed_in_the_commit_phase_never_leaves_a_false_commit() {
 fn without_a_launcher_the_same_binary_is_one_rank_also_as_an_mpi_singleton() {
     let s = Scratch::new();
     let src = sources(&s, 3, 10_000);
-    let o = s.ferry().env("FERRY_MPI", "1").env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1").args(["copy", "--json", "src", "dst"]).output().unwrap();
+    let o = s
+        .ferry()
+        .env("FERRY_MPI", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .args(["copy", "--json", "src", "dst"])
+        .output()
+        .unwrap();
     expect_code(&o, 0);
     let sum: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(sum["ranks"], 1);

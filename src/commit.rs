@@ -27,11 +27,26 @@ fn owned(plan: &Plan, me: usize, n: usize, kind: Kind) -> impl Iterator<Item = u
     (0..plan.entries.len()).filter(move |&e| plan.entries[e].kind == kind && plan.owner(e, n) == me)
 }
 
-/// Rename the temporary files and symlinks this rank owns to their final names.
+/// Make the directory entries of the temporary files this rank owns durable (before the
+/// decision: afterwards a missing temporary file can only mean it was renamed).
+pub fn sync_temp_dirs(plan: &Plan, me: usize, n: usize) -> Result<()> {
+    let dirs: BTreeSet<PathBuf> = owned(plan, me, n, Kind::File)
+        .map(|e| fsio::parent_of(&plan.entries[e].dst).to_path_buf())
+        .collect();
+    for d in dirs {
+        fsio::fsync_dir(&d)?;
+    }
+    Ok(())
+}
+
+/// Rename the temporary files and symlinks this rank owns to their final names. Every owned
+/// entry's directory is fsynced, also where an earlier run did the rename, so no rename the
+/// commit record vouches for can be lost.
 pub fn finalize_entries(plan: &Plan, me: usize, n: usize) -> Result<()> {
     let mut dirs = BTreeSet::new();
     for e in owned(plan, me, n, Kind::File) {
         let ent = &plan.entries[e];
+        dirs.insert(fsio::parent_of(&ent.dst).to_path_buf());
         let tmp = crate::engine::temp_path(plan, e);
         match fs::symlink_metadata(&tmp) {
             Ok(md) if md.is_file() => {
@@ -39,7 +54,6 @@ pub fn finalize_entries(plan: &Plan, me: usize, n: usize) -> Result<()> {
                 failpoints::io("commit::file_finished", &tmp)?;
                 fsio::rename(&tmp, &ent.dst)?;
                 failpoints::io("commit::renamed", &ent.dst)?;
-                dirs.insert(fsio::parent_of(&ent.dst).to_path_buf());
             }
             Ok(_) => {
                 return Err(Error::integrity(
@@ -57,6 +71,7 @@ pub fn finalize_entries(plan: &Plan, me: usize, n: usize) -> Result<()> {
         let target = ent.target.as_ref().ok_or_else(|| {
             Error::internal("symlink without a target in the plan").with_path(&ent.src)
         })?;
+        dirs.insert(fsio::parent_of(&ent.dst).to_path_buf());
         if fs::read_link(&ent.dst).ok().as_ref() == Some(target) {
             continue;
         }
@@ -65,7 +80,6 @@ pub fn finalize_entries(plan: &Plan, me: usize, n: usize) -> Result<()> {
         std::os::unix::fs::symlink(target, &tmp).ctx("symlink", &tmp)?;
         fsio::set_times_nofollow(&tmp, ent.mtime)?;
         fsio::rename(&tmp, &ent.dst)?;
-        dirs.insert(fsio::parent_of(&ent.dst).to_path_buf());
     }
     for d in &dirs {
         fsio::fsync_dir(d)?;
@@ -106,13 +120,18 @@ pub fn check_finals(plan: &Plan, me: usize, n: usize) -> Result<()> {
 }
 
 /// Give the directories this rank owns their modes and times, deepest first, and make that
-/// durable.
+/// durable, together with each directory's own entry in its parent.
 pub fn finish_dirs(plan: &Plan, me: usize, n: usize) -> Result<()> {
     let mine: Vec<usize> = owned(plan, me, n, Kind::Dir).collect();
+    let mut parents = BTreeSet::new();
     for &e in mine.iter().rev() {
         let ent = &plan.entries[e];
         fsio::set_mode_and_times(&ent.dst, Some(ent.mode), ent.mtime)?;
         fsio::fsync_dir(&ent.dst)?;
+        parents.insert(fsio::parent_of(&ent.dst).to_path_buf());
+    }
+    for p in parents {
+        fsio::fsync_dir(&p)?;
     }
     Ok(())
 }
@@ -139,13 +158,36 @@ pub fn write_commit(
     Ok(rec)
 }
 
-/// Remove the source files and symlinks this rank owns (after the commit is durable).
-pub fn delete_source_files(plan: &Plan, me: usize, n: usize) -> Result<()> {
+/// Remove the source files and symlinks this rank owns (after the commit is durable). A source
+/// that is no longer the file that was copied (another inode, size or mtime: the application
+/// wrote a new one there) is kept and returned, never removed.
+pub fn delete_source_files(plan: &Plan, me: usize, n: usize) -> Result<Vec<PathBuf>> {
+    use std::os::unix::fs::MetadataExt;
     let mut dirs = BTreeSet::new();
+    let mut kept = Vec::new();
     for kind in [Kind::File, Kind::Symlink] {
         for e in owned(plan, me, n, kind) {
-            let src = &plan.entries[e].src;
+            let ent = &plan.entries[e];
+            let src = &ent.src;
             failpoints::io("delete::source", src)?;
+            let md = match fs::symlink_metadata(src) {
+                Ok(md) => md,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io("stat", src, e)),
+            };
+            let same = md.ino() == ent.ino
+                && (kind == Kind::Symlink
+                    || (md.len() == ent.size
+                        && md.mtime() == ent.mtime.0
+                        && md.mtime_nsec() as u32 == ent.mtime.1));
+            if !same {
+                log::warn!(
+                    "kept source '{}': it is not the file that was copied any more",
+                    src.display()
+                );
+                kept.push(src.clone());
+                continue;
+            }
             if fsio::remove_file(src)? {
                 dirs.insert(fsio::parent_of(src).to_path_buf());
             }
@@ -157,7 +199,7 @@ pub fn delete_source_files(plan: &Plan, me: usize, n: usize) -> Result<()> {
             r => r?,
         }
     }
-    Ok(())
+    Ok(kept)
 }
 
 /// Remove the source directories this rank owns, deepest first. A directory that still holds

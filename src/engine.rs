@@ -70,16 +70,25 @@ impl Stopper {
                 false
             }
         };
-        if due && self.request.exists() {
+        if due && !self.request.as_os_str().is_empty() && self.request.exists() {
             self.stop.store(true, Ordering::Relaxed);
             return Err(Error::cancelled());
         }
         Ok(())
     }
 
+    /// A stopper that never stops (past the commit decision a cancel is refused).
+    pub fn disabled() -> Stopper {
+        Stopper {
+            request: PathBuf::new(),
+            stop: AtomicBool::new(false),
+            last: Mutex::new(Instant::now()),
+        }
+    }
+
     /// Look at the disk now, whatever the time since the last look.
     pub fn check_now(&self) -> Result<()> {
-        if self.request.exists() {
+        if !self.request.as_os_str().is_empty() && self.request.exists() {
             self.stop.store(true, Ordering::Relaxed);
         }
         self.check()
@@ -163,6 +172,7 @@ fn copy_unit(job: &CopyJob, u: u32) -> Result<(UnitDone, Option<PathBuf>)> {
     let plan = job.plan;
     let unit = plan.units[u as usize];
     let e = &plan.entries[unit.entry as usize];
+    failpoints::io("copy::unit_start", &e.src)?;
     let src = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)

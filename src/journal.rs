@@ -6,7 +6,10 @@
 //! belongs to, its own CRC) written atomically; then fixed 32-byte records, each with its own
 //! CRC32. A record says "unit U (LEN bytes, data CRC C) is durable under its temporary name": it
 //! is written only after the unit's data was fsynced and the temporary file's directory entry was
-//! made durable, and records are fsynced in batches. Reading keeps every record that checks out
+//! made durable, and records are fsynced in batches. A second kind, "void entry E", is written at
+//! the start of an attempt that found E's temporary file gone or short: it cancels every record of
+//! E's units from earlier attempts, so bytes journaled for a temporary file that no longer exists
+//! are never vouched for by a new file of the same name. Reading keeps every record that checks out
 //! and discards the rest (their units are redone); a header that does not check out is an
 //! `integrity` error naming the file, never a silent fresh start.
 
@@ -29,6 +32,7 @@ pub const RECORD_SIZE: usize = 32;
 const MAGIC: &[u8; 8] = b"FERRYJNL";
 const VERSION: u32 = 1;
 const KIND_UNIT: u8 = 1;
+const KIND_VOID: u8 = 2;
 /// Records buffered before a flush.
 const BATCH: usize = 64;
 /// Longest time a finished unit waits in the buffer.
@@ -96,6 +100,28 @@ struct Inner {
     failed: Option<Error>,
 }
 
+/// "Records of entry E's units from earlier attempts describe a temporary file that is gone."
+fn encode_void(entry: u32) -> [u8; RECORD_SIZE] {
+    let mut b = [0u8; RECORD_SIZE];
+    b[0] = 0xFE;
+    b[1] = KIND_VOID;
+    b[4..8].copy_from_slice(&entry.to_le_bytes());
+    let c = crc32fast::hash(&b[..28]);
+    b[28..32].copy_from_slice(&c.to_le_bytes());
+    b
+}
+
+fn decode_void(b: &[u8]) -> Option<u32> {
+    if b.len() != RECORD_SIZE || b[0] != 0xFE || b[1] != KIND_VOID {
+        return None;
+    }
+    let c = u32::from_le_bytes(b[28..32].try_into().ok()?);
+    if crc32fast::hash(&b[..28]) != c {
+        return None;
+    }
+    Some(u32::from_le_bytes(b[4..8].try_into().ok()?))
+}
+
 /// One rank's journal for one attempt. Shared by the rank's copy threads.
 pub struct Journal {
     path: PathBuf,
@@ -137,6 +163,17 @@ impl Journal {
             self.flush_locked(&mut g)?;
         }
         Ok(())
+    }
+
+    /// Durably void the earlier attempts' records of `entries` (call before copying anything).
+    pub fn void(&self, entries: &[u32]) -> Result<()> {
+        {
+            let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            for &e in entries {
+                g.pending.extend_from_slice(&encode_void(e));
+            }
+        }
+        self.flush()
     }
 
     /// Make every recorded unit durable in the journal.
@@ -193,27 +230,44 @@ pub struct Scan {
 /// Read every journal of the transfer against its plan.
 pub fn scan(td: &TransferDir, plan: &Plan, plan_crc: u32) -> Result<Scan> {
     let mut out = Scan::default();
+    // Attempt by attempt: an attempt's voids cancel what earlier attempts recorded for those
+    // entries (they were written before that attempt copied anything), then its units count.
+    let mut by_attempt: std::collections::BTreeMap<u32, Vec<PathBuf>> = Default::default();
     for (attempt, path) in td.journals()? {
-        let bytes = std::fs::read(&path).ctx("read", &path)?;
-        check_header(&bytes, &path, plan_crc)?;
-        out.files += 1;
-        out.last_attempt = out.last_attempt.max(attempt);
-        let body = &bytes[RECORD_SIZE..];
-        let whole = body.len() / RECORD_SIZE;
-        if body.len() % RECORD_SIZE != 0 {
-            out.discarded += 1; // a torn tail
-        }
-        for i in 0..whole {
-            let chunk = &body[i * RECORD_SIZE..(i + 1) * RECORD_SIZE];
-            match UnitDone::decode(chunk) {
-                Some(r)
-                    if (r.unit as usize) < plan.units.len()
-                        && plan.units[r.unit as usize].len == r.len =>
-                {
-                    out.units.insert(r.unit, r);
-                }
-                _ => out.discarded += 1,
+        by_attempt.entry(attempt).or_default().push(path);
+    }
+    for (attempt, paths) in by_attempt {
+        let mut voids = Vec::new();
+        let mut units = Vec::new();
+        for path in paths {
+            let bytes = std::fs::read(&path).ctx("read", &path)?;
+            check_header(&bytes, &path, plan_crc)?;
+            out.files += 1;
+            out.last_attempt = out.last_attempt.max(attempt);
+            let body = &bytes[RECORD_SIZE..];
+            if body.len() % RECORD_SIZE != 0 {
+                out.discarded += 1; // a torn tail
             }
+            for chunk in body.chunks_exact(RECORD_SIZE) {
+                match (UnitDone::decode(chunk), decode_void(chunk)) {
+                    (Some(r), _)
+                        if (r.unit as usize) < plan.units.len()
+                            && plan.units[r.unit as usize].len == r.len =>
+                    {
+                        units.push(r)
+                    }
+                    (_, Some(e)) => voids.push(e),
+                    _ => out.discarded += 1,
+                }
+            }
+        }
+        if !voids.is_empty() {
+            let voided: std::collections::HashSet<u32> = voids.into_iter().collect();
+            out.units
+                .retain(|u, _| !voided.contains(&plan.units[*u as usize].entry));
+        }
+        for r in units {
+            out.units.insert(r.unit, r);
         }
     }
     if out.discarded > 0 {
@@ -303,7 +357,9 @@ impl Watch {
         };
         for (_, path) in files {
             let off = *self.offsets.get(&path).unwrap_or(&(RECORD_SIZE as u64));
-            let Ok(mut f) = File::open(&path) else { continue };
+            let Ok(mut f) = File::open(&path) else {
+                continue;
+            };
             if f.seek(SeekFrom::Start(off)).is_err() {
                 continue;
             }

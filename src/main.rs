@@ -280,9 +280,14 @@ fn launcher_rank() -> Option<usize> {
     }
     #[cfg(not(feature = "mpi"))]
     {
-        ["OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"]
-            .iter()
-            .find_map(|v| std::env::var(v).ok()?.parse().ok())
+        [
+            "OMPI_COMM_WORLD_RANK",
+            "PMIX_RANK",
+            "PMI_RANK",
+            "SLURM_PROCID",
+        ]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
     }
 }
 
@@ -475,25 +480,28 @@ where
     let announce_src = src.clone();
     let run = RunOptions {
         progress: Some(src.counters.clone()),
-        announce: Some(Arc::new(move |id: &str, dir: &std::path::Path, total: u64| {
-            if !quiet_json {
-                println!("{id}");
-                let _ = std::io::stdout().flush();
-            }
-            log::debug!("transfer {id}: state in '{}'", dir.display());
-            if let Ok(mut t) = announce_src.transfer.lock() {
-                *t = Some((
-                    TransferDir {
-                        path: dir.to_path_buf(),
-                        id: id.to_string(),
-                    },
-                    total,
-                ));
-            }
-        })),
+        announce: Some(Arc::new(
+            move |id: &str, dir: &std::path::Path, total: u64| {
+                if !quiet_json {
+                    println!("{id}");
+                    let _ = std::io::stdout().flush();
+                }
+                log::debug!("transfer {id}: state in '{}'", dir.display());
+                if let Ok(mut t) = announce_src.transfer.lock() {
+                    *t = Some((
+                        TransferDir {
+                            path: dir.to_path_buf(),
+                            id: id.to_string(),
+                        },
+                        total,
+                    ));
+                }
+            },
+        )),
         ..RunOptions::default()
     };
-    let show = root && (out.progress || (!out.quiet && !out.json && std::io::stderr().is_terminal()));
+    let show =
+        root && (out.progress || (!out.quiet && !out.json && std::io::stderr().is_terminal()));
     let done = Arc::new(AtomicBool::new(false));
     let bar = show.then(|| {
         let (s, d) = (src.clone(), done.clone());

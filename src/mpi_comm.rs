@@ -148,7 +148,10 @@ impl Comm for MpiComm {
         let mine = data.len() as u64;
         let mut sizes = vec![0u64; n];
         mpi::request::scope(|scope| {
-            wait_polled(self.world.immediate_all_gather_into(scope, &mine, &mut sizes[..]));
+            wait_polled(
+                self.world
+                    .immediate_all_gather_into(scope, &mine, &mut sizes[..]),
+            );
         });
         let total: u64 = sizes.iter().sum();
         if total > Count::MAX as u64 {
@@ -183,7 +186,11 @@ impl Comm for MpiComm {
 
     fn broadcast(&self, root: usize, data: &[u8]) -> Result<Vec<u8>> {
         let proc = self.world.process_at_rank(root as i32);
-        let mut len: u64 = if self.rank == root { data.len() as u64 } else { 0 };
+        let mut len: u64 = if self.rank == root {
+            data.len() as u64
+        } else {
+            0
+        };
         mpi::request::scope(|scope| {
             wait_polled(proc.immediate_broadcast_into(scope, &mut len));
         });

@@ -87,6 +87,9 @@ pub struct Entry {
     pub target: Option<PathBuf>,
     /// Local layout: the rank that holds the source.
     pub holder: Option<usize>,
+    /// Inode of the source when planned (a source is removed only if it is still this file).
+    #[serde(default)]
+    pub ino: u64,
 }
 
 /// A piece of one file: the smallest thing a rank copies and journals.
@@ -322,6 +325,7 @@ fn entry_from(
         mtime: time_of(md.mtime(), md.mtime_nsec()),
         target: None,
         holder,
+        ino: md.ino(),
     }
 }
 
@@ -498,6 +502,7 @@ mod tests {
             mtime: (0, 0),
             target: None,
             holder: None,
+            ino: 0,
         }
     }
 

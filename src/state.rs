@@ -35,8 +35,10 @@ pub mod names {
     pub const OUTCOME: &str = "outcome";
     /// Sources removed after the commit (`--delete-source`).
     pub const SOURCES_REMOVED: &str = "sources-removed";
-    /// The lock a live run holds.
+    /// The lock a live run holds (rank 0).
     pub const LOCK: &str = "lock";
+    /// Every rank of a live run holds a shared lock on this file.
+    pub const MEMBERS: &str = "members";
     /// Left by `ferry forget` so the id is never used again.
     pub const FORGOTTEN: &str = "forgotten";
 }
@@ -316,6 +318,17 @@ impl Lock {
         for _ in 0..50 {
             match f.try_lock() {
                 Ok(()) => {
+                    if members_alive(td, 50) {
+                        return Err(Error::new(
+                            ErrorClass::Usage,
+                            format!(
+                                "ranks of an earlier run of transfer {} are still running; wait \
+                                 for them to end (their launcher stops them) and try again",
+                                td.id
+                            ),
+                        )
+                        .with_path(&td.path));
+                    }
                     let (user, host) = who();
                     let _ = f.set_len(0);
                     let _ = f.rewind();
@@ -354,16 +367,58 @@ fn lock_holder(f: &mut File) -> String {
     }
 }
 
-/// If a live run holds the transfer's lock, who it is.
+/// If a live run holds the transfer's lock, who it is; if only ranks of a run are still alive
+/// (rank 0 is gone, the others not yet), says so.
 pub fn live_holder(td: &TransferDir) -> Option<String> {
-    let mut f = match File::open(td.file(names::LOCK)) {
-        Ok(f) => f,
-        Err(_) => return None,
+    if let Ok(mut f) = File::open(td.file(names::LOCK)) {
+        if let Err(fs::TryLockError::WouldBlock) = f.try_lock_shared() {
+            return Some(lock_holder(&mut f));
+        }
+    }
+    members_alive(td, 1).then(|| "ranks of a run, without rank 0".to_string())
+}
+
+/// Whether some rank of a run still holds its shared lock on `members` (looked at `tries` times,
+/// 20 ms apart).
+fn members_alive(td: &TransferDir, tries: u32) -> bool {
+    let Ok(f) = File::open(td.file(names::MEMBERS)) else {
+        return false;
     };
-    match f.try_lock_shared() {
-        Ok(()) => None,
-        Err(fs::TryLockError::WouldBlock) => Some(lock_holder(&mut f)),
-        Err(fs::TryLockError::Error(_)) => None,
+    for i in 0..tries {
+        match f.try_lock() {
+            Ok(()) => return false,
+            Err(fs::TryLockError::WouldBlock) if i + 1 < tries => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(fs::TryLockError::WouldBlock) => return true,
+            Err(fs::TryLockError::Error(_)) => return false,
+        }
+    }
+    false
+}
+
+/// A rank's membership in a live run: a shared lock on `members`, held until the rank is done, so
+/// no new run starts and status does not say `interrupted` while any rank still works.
+#[derive(Debug)]
+pub struct Member {
+    _file: File,
+}
+
+impl Member {
+    /// Join the run of `td` (blocks only while a new run checks for stragglers).
+    pub fn join(td: &TransferDir) -> Result<Member> {
+        let p = td.file(names::MEMBERS);
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&p)
+            .ctx("open", &p)?;
+        f.lock_shared().ctx("lock", &p)?;
+        Ok(Member { _file: f })
     }
 }
 
@@ -387,13 +442,41 @@ pub mod registry {
         dir().map(|d| d.join("transfers").join(id))
     }
 
-    /// Remember where transfer `id` keeps its state (best effort: a failure is logged).
-    pub fn register(td: &TransferDir) {
-        let Some(p) = entry(&td.id) else { return };
-        let res = create_private_dir(fsio::parent_of(&p))
-            .and_then(|_| fsio::write_atomic(&p, crate::pathser::encode(&td.path).as_bytes()));
-        if let Err(e) = res {
-            log::debug!("could not record transfer {} in the registry: {e}", td.id);
+    /// Reserve id `td.id` for `td` in the registry: an id registered for another state
+    /// directory that still exists (even forgotten) is a `usage` error, so ids are never reused.
+    /// The reservation is atomic (a hard link of a complete file), so two runs racing for one id
+    /// cannot both win. Without a registry (no home directory) this does nothing.
+    pub fn reserve(td: &TransferDir) -> Result<()> {
+        let Some(p) = entry(&td.id) else {
+            return Ok(());
+        };
+        if create_private_dir(fsio::parent_of(&p)).is_err() {
+            log::debug!(
+                "no registry for transfer {}: its directory cannot be made",
+                td.id
+            );
+            return Ok(());
+        }
+        let tmp = p.with_file_name(format!(".{}.new-{}", td.id, std::process::id()));
+        fsio::write_atomic(&tmp, crate::pathser::encode(&td.path).as_bytes())?;
+        let linked = fs::hard_link(&tmp, &p);
+        let _ = fsio::remove_file(&tmp);
+        match linked {
+            Ok(()) => fsio::fsync_dir(fsio::parent_of(&p)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => match lookup(&td.id) {
+                Some(old) if old == td.path => Ok(()),
+                Some(old) if old.is_dir() => Err(Error::usage(format!(
+                    "transfer id {} is already used (state in '{}'); ids are never reused",
+                    td.id,
+                    old.display()
+                ))),
+                // A stale entry (its state directory is gone): take it over.
+                _ => fsio::write_atomic(&p, crate::pathser::encode(&td.path).as_bytes()),
+            },
+            Err(e) => {
+                log::debug!("could not record transfer {} in the registry: {e}", td.id);
+                Ok(())
+            }
         }
     }
 
@@ -584,6 +667,12 @@ mod tests {
         assert_eq!(e.class, ErrorClass::Usage);
         drop(l);
         assert!(live_holder(&td).is_none());
+        drop(Lock::acquire(&td).unwrap());
+        // A rank of a run still at work, its rank 0 gone: still live, no new run may start.
+        let m = Member::join(&td).unwrap();
+        assert!(live_holder(&td).unwrap().contains("without rank 0"));
+        assert_eq!(Lock::acquire(&td).unwrap_err().class, ErrorClass::Usage);
+        drop(m);
         Lock::acquire(&td).unwrap();
     }
 }

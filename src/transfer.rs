@@ -368,16 +368,11 @@ fn setup_new_transfer(
         }
     };
     let _ = layout;
-    if let Some(old) = state::registry::lookup(&id).filter(|_| opts.register) {
-        if old != state_dir.join(&id) && old.is_dir() {
-            return Err(Error::usage(format!(
-                "transfer id {id} is already used (state in '{}'); ids are never reused",
-                old.display()
-            )));
-        }
-    }
     state::create_private_dir(&state_dir)?;
     let td = TransferDir::new(&state_dir, &id);
+    if opts.register {
+        state::registry::reserve(&td)?;
+    }
     match std::fs::DirBuilder::new().create(&td.path) {
         Ok(()) => {
             use std::os::unix::fs::PermissionsExt;
@@ -395,9 +390,6 @@ fn setup_new_transfer(
         Err(e) => return Err(Error::io("mkdir", &td.path, e)),
     }
     let lock = Lock::acquire(&td)?;
-    if opts.register {
-        state::registry::register(&td);
-    }
     Ok((td, lock))
 }
 
@@ -462,7 +454,10 @@ pub fn resume(
 ) -> Result<Summary> {
     same_command(
         comm,
-        &format!("resume {id:?} state-dir={state_dir:?} threads={:?} verify={}", run.threads, run.verify),
+        &format!(
+            "resume {id:?} state-dir={state_dir:?} threads={:?} verify={}",
+            run.threads, run.verify
+        ),
     )?;
     let mut lock = None;
     let got = from_root(comm, || {
@@ -524,7 +519,7 @@ fn read_known(td: &TransferDir, plan: &Plan, crc: u32) -> Result<Known> {
         cancelled: cancelled.is_some(),
         cancel_requested: td.file(names::CANCEL_REQUEST).exists(),
         decided: decision.is_some(),
-        sources_removed: removed.is_some(),
+        sources_removed: removed.is_some_and(|r| r.kept.is_empty()),
         attempt: scan.last_attempt + 1,
         discarded: scan.discarded,
         records,
@@ -533,10 +528,14 @@ fn read_known(td: &TransferDir, plan: &Plan, crc: u32) -> Result<Known> {
 
 /// Keep the journaled units of the entries this rank owns whose data is still where the journal
 /// says: in the temporary file, or (after the decision) at the final name with the planned size.
-fn still_durable(plan: &Plan, known: &Known, me: usize, n: usize) -> Result<Vec<u32>> {
+/// Entries whose temporary file is gone or shorter than its journal says are returned to be
+/// voided: their old records describe a file that no longer exists, and must not vouch for a new
+/// one made under the same name.
+fn still_durable(plan: &Plan, known: &Known, me: usize, n: usize) -> (Vec<u32>, Vec<u32>) {
     let by_entry = plan.units_by_entry();
     let journaled: HashMap<u32, u64> = known.records.iter().map(|&(u, l, _)| (u, l)).collect();
     let mut ok = Vec::new();
+    let mut void = Vec::new();
     for (e, units) in &by_entry {
         let e = *e as usize;
         if plan.owner(e, n) != me || !units.iter().any(|u| journaled.contains_key(u)) {
@@ -544,28 +543,38 @@ fn still_durable(plan: &Plan, known: &Known, me: usize, n: usize) -> Result<Vec<
         }
         let ent = &plan.entries[e];
         let tmp = engine::temp_path(plan, e);
+        let mine: Vec<u32> = units
+            .iter()
+            .copied()
+            .filter(|u| journaled.contains_key(u))
+            .collect();
         match std::fs::symlink_metadata(&tmp) {
             Ok(md) if md.is_file() => {
-                for &u in units {
+                let whole = mine.iter().all(|&u| {
                     let unit = plan.units[u as usize];
-                    if journaled.contains_key(&u) && md.len() >= unit.offset + unit.len {
-                        ok.push(u);
-                    }
+                    md.len() >= unit.offset + unit.len
+                });
+                if whole {
+                    ok.extend(mine);
+                } else {
+                    void.push(e as u32);
                 }
             }
-            Ok(_) => {}
-            Err(_) if known.decided => {
-                let fine = std::fs::symlink_metadata(&ent.dst)
-                    .map(|m| m.is_file() && m.len() == ent.size)
-                    .unwrap_or(false);
-                if fine && units.iter().all(|u| journaled.contains_key(u)) {
-                    ok.extend(units.iter().copied());
-                }
+            // After the decision a missing temporary file was renamed (its directory entry was
+            // made durable before the decision, so power loss cannot have taken it).
+            Err(_)
+                if known.decided
+                    && units.iter().all(|u| journaled.contains_key(u))
+                    && std::fs::symlink_metadata(&ent.dst)
+                        .map(|m| m.is_file() && m.len() == ent.size)
+                        .unwrap_or(false) =>
+            {
+                ok.extend(mine)
             }
-            Err(_) => {}
+            _ => void.push(e as u32),
         }
     }
-    Ok(ok)
+    (ok, void)
 }
 
 /// The phases every run goes through once the plan is known.
@@ -588,6 +597,7 @@ fn execute(
             a(&plan.id, &td.path, plan.bytes_total());
         }
     }
+    let _member = agree(comm, state::Member::join(td))?;
     let known: Known = from_root(comm, || read_known(td, plan, crc))?;
     let mut sum = Summary {
         id: plan.id.clone(),
@@ -614,17 +624,25 @@ fn execute(
         )));
     }
     if known.committed {
-        if plan.delete_source && !known.sources_removed {
-            delete_sources(comm, td, plan)?;
+        if plan.delete_source {
+            sum.sources_removed = Some(if known.sources_removed {
+                true
+            } else {
+                delete_sources(comm, td, plan)?
+            });
         }
         sum.state = State::Committed;
         sum.bytes_reused = sum.bytes_total;
-        sum.sources_removed = plan.delete_source.then_some(true);
         sum.seconds = start.elapsed().as_secs_f64();
         drop(lock);
         return Ok(sum);
     }
-    let stopper = Stopper::new(td.file(names::CANCEL_REQUEST));
+    // Past the decision a cancel is refused: the run only moves forward.
+    let stopper = if known.decided {
+        Stopper::disabled()
+    } else {
+        Stopper::new(td.file(names::CANCEL_REQUEST))
+    };
     let progress = engine::progress_or_default(run.progress.as_ref());
     let res = run_phases(
         comm, td, plan, crc, run, &known, &stopper, &progress, &mut sum,
@@ -676,16 +694,30 @@ fn run_phases(
 ) -> Result<()> {
     let (me, n) = (comm.rank(), comm.size());
     if known.cancel_requested {
-        return agree(comm, Err(Error::cancelled()));
+        if !known.decided {
+            return agree(comm, Err(Error::cancelled()));
+        }
+        // Past the decision the transfer only moves forward: finishing is the one safe end.
+        log::warn!(
+            "a cancel request for {} came after its commit decision; finishing the commit",
+            plan.id
+        );
+        let dropped = if me == 0 {
+            fsio::remove_file(&td.file(names::CANCEL_REQUEST))
+                .and_then(|_| fsio::fsync_dir(&td.path))
+        } else {
+            Ok(())
+        };
+        agree(comm, dropped)?;
     }
     let threads = run.threads.unwrap_or(plan.threads).max(1);
     let pool = agree(comm, engine::pool(threads))?;
+    let journal = agree(comm, Journal::create(td, known.attempt, me, crc))?;
 
-    // Which journaled units are still durable where the journal says.
-    let mine_ok = agree(
-        comm,
-        still_durable(plan, known, me, n).and_then(|v| encode(&v)),
-    )?;
+    // Which journaled units are still durable where the journal says; void the records of
+    // temporary files that are gone before anything can make a new one under the same name.
+    let (ok, void) = still_durable(plan, known, me, n);
+    let mine_ok = agree(comm, journal.void(&void).and_then(|_| encode(&ok)))?;
     let mut crcs: HashMap<u32, u32> = HashMap::new();
     let journaled: HashMap<u32, u32> = known.records.iter().map(|&(u, _, c)| (u, c)).collect();
     for b in comm.allgather(&mine_ok)? {
@@ -744,7 +776,6 @@ fn run_phases(
     agree(comm, parents)?;
 
     // Copy.
-    let journal = agree(comm, Journal::create(td, known.attempt, me, crc))?;
     let job = CopyJob {
         plan,
         journal: &journal,
@@ -767,7 +798,12 @@ fn run_phases(
         .collect();
     sum.bytes_copied = sum.bytes_per_rank.iter().sum();
     sum.units_copied = comm.allreduce_sum(copied.len() as u64)?;
-    failpoints::hit("copy::all_done")?;
+    // Every temporary file's name durable before the decision: after it, a missing temporary
+    // file means a rename, never a lost directory entry.
+    agree(
+        comm,
+        commit::sync_temp_dirs(plan, me, n).and_then(|_| failpoints::hit("copy::all_done")),
+    )?;
 
     // Optional read-back.
     if run.verify || plan.verify {
@@ -819,23 +855,25 @@ fn run_phases(
     agree(comm, committed)?;
     sum.state = State::Committed;
     if plan.delete_source {
-        delete_sources(comm, td, plan)?;
-        sum.sources_removed = Some(true);
+        sum.sources_removed = Some(delete_sources(comm, td, plan)?);
     }
     Ok(())
 }
 
-fn delete_sources(comm: &dyn Comm, td: &TransferDir, plan: &Plan) -> Result<()> {
+/// Remove the sources (after the commit). Returns whether every one is gone; those kept (changed
+/// since they were copied, or directories holding files outside the plan) are recorded.
+fn delete_sources(comm: &dyn Comm, td: &TransferDir, plan: &Plan) -> Result<bool> {
     let (me, n) = (comm.rank(), comm.size());
-    agree(comm, commit::delete_source_files(plan, me, n))?;
+    let files = agree(comm, commit::delete_source_files(plan, me, n))?;
     let kept = agree(
         comm,
-        commit::delete_source_dirs(plan, me, n).and_then(|k| {
-            encode(
-                &k.iter()
-                    .map(|p| crate::pathser::encode(p))
-                    .collect::<Vec<_>>(),
-            )
+        commit::delete_source_dirs(plan, me, n).and_then(|dirs| {
+            let all: Vec<String> = files
+                .iter()
+                .chain(dirs.iter())
+                .map(|p| crate::pathser::encode(p))
+                .collect();
+            encode(&all)
         }),
     )?;
     let all = comm.gather(0, &kept)?;
@@ -847,17 +885,21 @@ fn delete_sources(comm: &dyn Comm, td: &TransferDir, plan: &Plan) -> Result<()> 
                     kept.push(crate::pathser::decode(&s).map_err(Error::internal)?);
                 }
             }
+            let complete = kept.is_empty();
             let rec = state::SourcesRemoved {
                 time: state::now(),
                 kept,
             };
             state::write_record(&td.file(names::SOURCES_REMOVED), "sources-removed", &rec)?;
-            failpoints::hit("delete::recorded")
+            failpoints::hit("delete::recorded")?;
+            Ok(complete)
         })()
     } else {
-        Ok(())
+        Ok(false)
     };
-    agree(comm, rec)
+    let complete = agree(comm, rec)?;
+    let complete = comm.broadcast(0, &[complete as u8])?;
+    Ok(complete.first() == Some(&1))
 }
 
 /// What `ferry cancel` did.
@@ -885,6 +927,13 @@ pub fn cancel(td: &TransferDir, wait: std::time::Duration) -> Result<CancelOutco
             )))
         }
         State::Cancelled => return Ok(CancelOutcome::AlreadyCancelled),
+        State::Committing => {
+            return Err(Error::usage(format!(
+                "transfer {} is committing: its destination files are being replaced; \
+                 cancelling now would leave a mix, so it will finish",
+                td.id
+            )))
+        }
         _ => {}
     }
     let (user, host) = state::who();
@@ -932,7 +981,9 @@ fn cancel_offline(td: &TransferDir, req: &state::Cancelled) -> Result<CancelOutc
         )));
     }
     if td.file(names::DECISION).exists() {
-        let _ = fsio::remove_file(&td.file(names::CANCEL_REQUEST));
+        if fsio::remove_file(&td.file(names::CANCEL_REQUEST))? {
+            fsio::fsync_dir(&td.path)?;
+        }
         return Err(Error::usage(format!(
             "transfer {} already decided to commit and may have replaced destination files; \
              cancelling now would leave a mix. Run `ferry resume {}` to finish it",
@@ -1000,7 +1051,7 @@ pub fn forget(td: &TransferDir) -> Result<()> {
         }
     }
     fsio::fsync_dir(&td.path)?;
-    state::registry::remove(&td.id);
+    // The registry entry stays: it points at the `forgotten` marker, so the id is never reused.
     Ok(())
 }
 

@@ -458,3 +458,103 @@ fn killed_while_planning_leaves_a_transfer_that_says_so_and_can_be_forgotten() {
         .unwrap()
         .all(|e| e.unwrap().file_name() == ".ferry"));
 }
+
+#[test]
+fn past_the_decision_a_cancel_is_refused_and_the_commit_finishes() {
+    let s = Scratch::new();
+    let src = tree(&s);
+    let mut c = spawn(
+        &s,
+        "commit::decision_written=pause",
+        &["copy", "--id", "z", "--chunk-size", "16K", "src", "dst"],
+    );
+    s.wait_paused(&mut c);
+    let o = s.run(&["cancel", "z", "--wait", "1"]);
+    expect_code(&o, 2);
+    assert!(stderr(&o).contains("committing"), "{}", stderr(&o));
+    c.kill().unwrap();
+    c.wait().unwrap();
+    // A request that slipped in just after the run's last look (a race) does not win either.
+    ferry::state::write_record(
+        &s.path("dst/.ferry/z/cancel-request"),
+        "cancel-request",
+        &ferry::state::Cancelled {
+            time: "now".into(),
+            by: "test".into(),
+        },
+    )
+    .unwrap();
+    let o = s.run(&["resume", "z"]);
+    expect_code(&o, 0);
+    assert_same_tree(&src, &s.path("dst"));
+    assert_eq!(status(&s, "z", &s.path("dst/.ferry"))["state"], "committed");
+}
+
+#[test]
+fn records_of_a_vanished_temporary_file_never_vouch_for_a_new_one() {
+    let s = Scratch::new();
+    let mut r = Rng::new(21);
+    let src = s.path("src");
+    write_file(&src.join("b"), 128 << 10, &mut r);
+    // Attempt 1: both chunks of b journaled, then the process dies before the decision.
+    let o = s
+        .ferry()
+        .env("FERRY_FAILPOINTS", "copy::all_done=exit")
+        .args(["copy", "--id", "v", "--chunk-size", "64K", "src", "dst"])
+        .output()
+        .unwrap();
+    expect_code(&o, 99);
+    let tmp = temps_in(&s.path("dst"));
+    assert_eq!(tmp.len(), 1);
+    fs::remove_file(&tmp[0]).unwrap();
+    // Attempt 2: rank 1 re-creates the file at full length by writing the second chunk while
+    // rank 0 has not yet rewritten the first; then everything dies.
+    let o = s
+        .ferry()
+        .env(
+            "FERRY_FAILPOINTS",
+            "copy::unit_start=delay(3000)@0;copy::unit_synced=exit@1",
+        )
+        .args(["resume", "v", "--ranks", "2"])
+        .output()
+        .unwrap();
+    expect_code(&o, 99);
+    // Attempt 3 must not trust attempt 1's record of the first chunk (those bytes are gone).
+    let o = s.run(&["resume", "v", "--json"]);
+    expect_code(&o, 0);
+    assert_same_tree(&src, &s.path("dst"));
+    expect_code(&s.run(&["verify", "v"]), 0);
+}
+
+#[test]
+fn delete_source_keeps_a_source_that_changed_after_it_was_copied() {
+    let s = Scratch::new();
+    let src = tree(&s);
+    let reference = s.path("reference");
+    assert!(std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&src)
+        .arg(&reference)
+        .status()
+        .unwrap()
+        .success());
+    let o = s
+        .ferry()
+        .env("FERRY_FAILPOINTS", "commit::record_written=exit")
+        .args(["copy", "--id", "w", "--delete-source", "src", "dst"])
+        .output()
+        .unwrap();
+    expect_code(&o, 99);
+    // The application writes its next checkpoint where the copied one was.
+    fs::write(src.join("d0/f0"), b"the next checkpoint, never copied").unwrap();
+    let o = s.run(&["resume", "w"]);
+    expect_code(&o, 0);
+    assert_eq!(
+        fs::read(src.join("d0/f0")).unwrap(),
+        b"the next checkpoint, never copied"
+    );
+    assert!(!src.join("d1/f1").exists(), "unchanged sources are removed");
+    let st = status(&s, "w", &s.path("dst/.ferry"));
+    assert_eq!(st["sources_removed"], false);
+    assert_same_tree(&reference, &s.path("dst"));
+}
