@@ -82,7 +82,6 @@ pub fn combine(parts: &[(u32, u64)]) -> u32 {
 
 /// Build the manifest from the plan and every unit's CRC. Missing a unit is a bug.
 pub fn build(plan: &Plan, unit_crc: &HashMap<u32, u32>) -> Result<Manifest> {
-    let by_entry = plan.units_by_entry();
     let mut m = Manifest::default();
     for (i, e) in plan.entries.iter().enumerate() {
         match e.kind {
@@ -93,7 +92,7 @@ pub fn build(plan: &Plan, unit_crc: &HashMap<u32, u32>) -> Result<Manifest> {
             }),
             Kind::File => {
                 let mut parts = Vec::new();
-                for &u in by_entry.get(&(i as u32)).map(Vec::as_slice).unwrap_or(&[]) {
+                for u in plan.units_of(i) {
                     let crc = unit_crc.get(&u).ok_or_else(|| {
                         Error::internal(format!("unit {u} has no checksum at commit time"))
                             .with_path(&e.dst)

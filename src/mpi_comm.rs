@@ -139,12 +139,6 @@ impl Comm for MpiComm {
 
     fn allgather(&self, data: &[u8]) -> Result<Vec<Vec<u8>>> {
         let n = self.size;
-        // Open MPI rejects zero-count buffers in MPI_Iallgatherv (MPI_ERR_ARG): every
-        // contribution carries one trailing byte, stripped on receipt.
-        let mut framed = Vec::with_capacity(data.len() + 1);
-        framed.extend_from_slice(data);
-        framed.push(0);
-        let data = &framed[..];
         let mine = data.len() as u64;
         let mut sizes = vec![0u64; n];
         mpi::request::scope(|scope| {
@@ -153,11 +147,14 @@ impl Comm for MpiComm {
                     .immediate_all_gather_into(scope, &mine, &mut sizes[..]),
             );
         });
-        let total: u64 = sizes.iter().sum();
+        // Open MPI rejects zero-count buffers in MPI_Iallgatherv (MPI_ERR_ARG): an empty
+        // contribution travels as one ignored byte.
+        let counts: Vec<u64> = sizes.iter().map(|&s| s.max(1)).collect();
+        let total: u64 = counts.iter().sum();
         if total > Count::MAX as u64 {
             return Err(too_big(total as usize));
         }
-        let counts: Vec<Count> = sizes.iter().map(|&s| s as Count).collect();
+        let counts: Vec<Count> = counts.iter().map(|&c| c as Count).collect();
         let displs: Vec<Count> = counts
             .iter()
             .scan(0, |acc, &c| {
@@ -166,20 +163,22 @@ impl Comm for MpiComm {
                 Some(d)
             })
             .collect();
+        let pad = [0u8];
+        let send: &[u8] = if data.is_empty() { &pad } else { data };
         let mut buf = vec![0u8; total as usize];
         {
             let mut part = PartitionMut::new(&mut buf[..], &counts[..], &displs[..]);
             mpi::request::scope(|scope| {
                 wait_polled(
                     self.world
-                        .immediate_all_gather_varcount_into(scope, data, &mut part),
+                        .immediate_all_gather_varcount_into(scope, send, &mut part),
                 );
             });
         }
         let mut out = Vec::with_capacity(n);
         for r in 0..n {
             let d = displs[r] as usize;
-            out.push(buf[d..d + counts[r] as usize - 1].to_vec());
+            out.push(buf[d..d + sizes[r] as usize].to_vec());
         }
         Ok(out)
     }

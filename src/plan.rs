@@ -149,13 +149,13 @@ impl Plan {
         self.entries.iter().filter(|e| e.kind == kind).count()
     }
 
-    /// For each file entry, the indices of its units in offset order.
-    pub fn units_by_entry(&self) -> HashMap<u32, Vec<u32>> {
-        let mut m: HashMap<u32, Vec<u32>> = HashMap::new();
-        for (i, u) in self.units.iter().enumerate() {
-            m.entry(u.entry).or_default().push(i as u32);
-        }
-        m
+    /// The indices of entry `e`'s units, in offset order (units are made entry by entry, so
+    /// they are contiguous; no index is kept in memory).
+    pub fn units_of(&self, e: usize) -> std::ops::Range<u32> {
+        let e = e as u32;
+        let lo = self.units.partition_point(|u| u.entry < e);
+        let hi = self.units.partition_point(|u| u.entry <= e);
+        lo as u32..hi as u32
     }
 
     /// The rank that finalises entry `e` (renames it, restores metadata, removes its source):

@@ -172,6 +172,20 @@ fn same_command(comm: &dyn Comm, fingerprint: &str) -> Result<()> {
     }
 }
 
+/// Rank 0 produces bytes (or an error) that every rank receives as they are.
+fn root_bytes<F>(comm: &dyn Comm, f: F) -> Result<Vec<u8>>
+where
+    F: FnOnce() -> Result<Vec<u8>>,
+{
+    let local = if comm.rank() == 0 {
+        f()
+    } else {
+        Ok(Vec::new())
+    };
+    let bytes = agree(comm, local)?;
+    comm.broadcast(0, &bytes)
+}
+
 /// Rank 0 computes a value (or an error) that every rank receives.
 fn from_root<T, F>(comm: &dyn Comm, f: F) -> Result<T>
 where
@@ -263,15 +277,20 @@ pub fn copy(comm: &dyn Comm, opts: &CopyOptions, run: &RunOptions) -> Result<Sum
                 opts,
             ),
         };
-        let walked = agree(comm, walked.and_then(|w| encode(&w)))?;
-        let all = comm.gather(0, &walked)?;
-        let plan_body = from_root(comm, || {
-            let mut entries: Vec<Entry> = Vec::new();
-            for b in &all {
-                entries.extend(decode::<Vec<Entry>>(b)?);
+        // Shared: rank 0 walked everything and keeps it. Local: every rank's list goes to rank 0.
+        let mut entries: Vec<Entry> = Vec::new();
+        match layout {
+            Layout::Shared => entries = agree(comm, walked)?,
+            Layout::Local => {
+                let mine = agree(comm, walked.and_then(|w| encode(&w)))?;
+                for b in comm.gather(0, &mine)? {
+                    entries.extend(decode::<Vec<Entry>>(&b)?);
+                }
             }
+        }
+        let plan_body = root_bytes(comm, || {
             plan::check_paths(&entries, &[])?;
-            let plan = make_plan(opts, layout, &td, n, entries);
+            let plan = make_plan(opts, layout, &td, n, std::mem::take(&mut entries));
             let body = encode(&plan)?;
             failpoints::hit("plan::walked")?;
             state::write_record_raw(&td.file(names::PLAN), "plan", &body)?;
@@ -460,20 +479,22 @@ pub fn resume(
         ),
     )?;
     let mut lock = None;
-    let got = from_root(comm, || {
+    let located = from_root(comm, || {
         let td = state::locate(id, state_dir)?;
-        let l = Lock::acquire(&td)?;
-        let (_, body) = status::read_plan_body(&td)?;
-        lock = Some(l);
-        Ok((crate::pathser::encode(&td.path), td.id, body))
+        lock = Some(Lock::acquire(&td)?);
+        Ok((crate::pathser::encode(&td.path), td.id))
     })?;
-    let (path, id, body): (String, String, Vec<u8>) = got;
+    let (path, id): (String, String) = located;
     let td = TransferDir {
         path: crate::pathser::decode(&path).map_err(Error::internal)?,
         id,
     };
+    // The plan travels as the bytes stored: journals are bound to their CRC.
+    let body = root_bytes(comm, || status::read_plan_body(&td).map(|(_, body)| body))?;
     let plan: Plan = decode(&body)?;
-    execute(comm, &td, &plan, crc32fast::hash(&body), run, lock)
+    let crc = crc32fast::hash(&body);
+    drop(body);
+    execute(comm, &td, &plan, crc, run, lock)
 }
 
 /// What rank 0 learns from the state directory at the start of a run and tells every rank.
@@ -532,13 +553,15 @@ fn read_known(td: &TransferDir, plan: &Plan, crc: u32) -> Result<Known> {
 /// voided: their old records describe a file that no longer exists, and must not vouch for a new
 /// one made under the same name.
 fn still_durable(plan: &Plan, known: &Known, me: usize, n: usize) -> (Vec<u32>, Vec<u32>) {
-    let by_entry = plan.units_by_entry();
     let journaled: HashMap<u32, u64> = known.records.iter().map(|&(u, l, _)| (u, l)).collect();
     let mut ok = Vec::new();
     let mut void = Vec::new();
-    for (e, units) in &by_entry {
-        let e = *e as usize;
-        if plan.owner(e, n) != me || !units.iter().any(|u| journaled.contains_key(u)) {
+    for e in 0..plan.entries.len() {
+        if plan.entries[e].kind != Kind::File || plan.owner(e, n) != me {
+            continue;
+        }
+        let units: Vec<u32> = plan.units_of(e).collect();
+        if !units.iter().any(|u| journaled.contains_key(u)) {
             continue;
         }
         let ent = &plan.entries[e];
