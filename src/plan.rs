@@ -361,6 +361,17 @@ pub fn roots(
         } else {
             dest.to_path_buf()
         };
+        if md.is_dir() {
+            if let Ok(dm) = fs::metadata(&d) {
+                if !dm.is_dir() {
+                    return Err(Error::usage(format!(
+                        "destination '{}' exists and is not a directory; '{}' is a directory",
+                        d.display(),
+                        s.display()
+                    )));
+                }
+            }
+        }
         out.push((s.clone(), d));
     }
     Ok(out)

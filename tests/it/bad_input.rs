@@ -148,3 +148,19 @@ fn an_unreadable_plan_is_a_clear_error_never_a_fresh_start() {
     assert_ne!(code(&o), 0);
     assert!(first_error_line(&o).contains("plan"), "{}", stderr(&o));
 }
+
+#[test]
+fn a_directory_onto_an_existing_file_is_refused_before_anything_is_made() {
+    let s = Scratch::new();
+    let mut r = Rng::new(1);
+    write_file(&s.path("src/a"), 10, &mut r);
+    fs::write(s.path("taken"), b"a file").unwrap();
+    let o = s.run(&["copy", "src", "taken"]);
+    expect_code(&o, 2);
+    assert!(
+        first_error_line(&o).contains("not a directory"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(fs::read(s.path("taken")).unwrap(), b"a file");
+}
