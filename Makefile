@@ -26,10 +26,13 @@ lint: deps
 
 # Every test: unit tests, the integration suite (real binary, in-process ranks, SIGKILL and
 # failpoint crashes) and mpi-tests/ (the real binary under mpirun -n 1..8). One build with the
-# failpoints feature serves all of them.
+# failpoints feature serves all of them. A one-node Slurm cluster (scripts/slurm-cluster.sh) runs
+# for the srun tests and is stopped afterwards.
 test: deps lint
 	mkdir -p $(FERRY_TEST_TMP)
-	$(CARGO) test --features failpoints -- --test-threads 2
+	set -e; eval "$$(bash scripts/slurm-cluster.sh start)"; \
+	  trap 'bash scripts/slurm-cluster.sh stop' EXIT; \
+	  $(CARGO) test --features failpoints -- --test-threads 2
 	rm -rf $(FERRY_TEST_TMP)
 
 demo: release

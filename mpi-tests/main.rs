@@ -65,15 +65,15 @@ fn run(s: &Scratch, n: usize, args: &[&str], fp: Option<&str>) -> Output {
     let child = c
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_tracked();
     wait_deadline(child, DEADLINE)
 }
 
-/// The pid of MPI rank `rank` of this scratch's job (found by its environment).
-fn rank_pid(s: &Scratch, rank: usize) -> Option<i32> {
+/// The pid of MPI rank `rank` of this scratch's job (found by its environment: Open MPI's rank
+/// variable, or Slurm's under srun).
+fn rank_pid(s: &Scratch, rank_var: &str, rank: usize) -> Option<i32> {
     let tag = format!("FERRY_TEST_TAG={}", s.dir.path().display());
-    let want = format!("OMPI_COMM_WORLD_RANK={rank}");
+    let want = format!("{rank_var}={rank}");
     for e in fs::read_dir("/proc").ok()? {
         let e = e.ok()?;
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
@@ -135,8 +135,7 @@ fn shared_layout_on_1_2_4_8_ranks_is_identical_balanced_and_committed_by_rank_0(
         let o = wait_deadline(
             c.stdout(Stdio::piped())
                 .stderr(Stdio::piped())
-                .spawn()
-                .unwrap(),
+                .spawn_tracked(),
             DEADLINE,
         );
         expect_code(&o, 0);
@@ -248,8 +247,7 @@ fn sigkill_of_any_rank_ends_the_job_and_resume_on_any_count_converges() {
         let mut child = c
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .spawn_tracked();
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
@@ -257,8 +255,8 @@ fn sigkill_of_any_rank_ends_the_job_and_resume_on_any_count_converges() {
         let id = line.trim().to_string();
         let td = TransferDir::new(&state, &id);
         wait_for(DEADLINE, || ferry::status::status(&td).bytes_done > 0);
-        let pid = rank_pid(&s, victim).expect("rank pid");
-        assert_eq!(unsafe { libc_kill(pid, 9) }, 0);
+        let pid = rank_pid(&s, "OMPI_COMM_WORLD_RANK", victim).expect("rank pid");
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
         let t0 = Instant::now();
         let o = wait_deadline(child, DEATH_BOUND);
         let ended = t0.elapsed();
@@ -277,11 +275,6 @@ fn sigkill_of_any_rank_ends_the_job_and_resume_on_any_count_converges() {
         assert_same_tree(&src, &s.path("dst"));
         expect_code(&s.run(&["verify", &id]), 0);
     }
-}
-
-extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
 }
 
 #[test]
@@ -306,8 +299,7 @@ fn an_error_on_one_rank_reaches_every_rank_and_a_resume_completes_once_fixed() {
     let mut child = c
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_tracked();
     s.wait_paused(&mut child);
     fs::remove_file(&victim).unwrap();
     s.release();
@@ -353,8 +345,7 @@ fn status_and_cancel_from_another_process_while_the_job_runs() {
     let mut child = c
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_tracked();
     s.wait_paused(&mut child);
     let st = status(&s, "c", &s.path("dst/.ferry"));
     assert_eq!(st["state"], "copying", "{st}");
@@ -364,8 +355,7 @@ fn status_and_cancel_from_another_process_while_the_job_runs() {
         .args(["cancel", "c"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_tracked();
     wait_for(DEADLINE, || s.path("dst/.ferry/c/cancel-request").exists());
     s.release();
     let o = wait_deadline(child, DEADLINE);
@@ -386,8 +376,7 @@ fn ranks_started_with_different_arguments_stop_before_any_data_moves() {
     let o = wait_deadline(
         c.stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+            .spawn_tracked(),
         DEADLINE,
     );
     expect_code(&o, 2);
@@ -466,5 +455,98 @@ fn without_a_launcher_the_same_binary_is_one_rank_also_as_an_mpi_singleton() {
     expect_code(&o, 0);
     let sum: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(sum["ranks"], 1);
+    assert_same_tree(&src, &s.path("dst"));
+}
+
+/// `srun` on the one-node Slurm cluster of `scripts/slurm-cluster.sh` (`make test` starts it and
+/// sets SLURM_CONF). Without SLURM_CONF these tests say so and do nothing.
+fn srun(s: &Scratch, n: usize, args: &[&str]) -> Option<Command> {
+    if std::env::var_os("SLURM_CONF").is_none() {
+        eprintln!("SLURM_CONF is not set: srun tests need `scripts/slurm-cluster.sh start` (make test does it)");
+        return None;
+    }
+    let mut c = Command::new("srun");
+    c.env("FERRY_HOME", s.home())
+        .env("FERRY_TEST_TAG", s.dir.path())
+        .env_remove("FERRY_FAILPOINTS")
+        .current_dir(s.dir.path())
+        .stdin(Stdio::null())
+        .args(["--mpi=pmix", "--kill-on-bad-exit=1", "-n", &n.to_string()])
+        .arg(env!("CARGO_BIN_EXE_ferry"))
+        .args(args);
+    Some(c)
+}
+
+#[test]
+fn under_srun_the_same_binary_copies_and_a_dead_rank_ends_the_step() {
+    let s = Scratch::new();
+    let src = sources(&s, 12, 2 << 20);
+    let Some(mut c) = srun(
+        &s,
+        4,
+        &["copy", "--json", "--chunk-size", "1M", "src", "whole"],
+    ) else {
+        return;
+    };
+    let o = wait_deadline(
+        c.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn_tracked(),
+        DEADLINE,
+    );
+    expect_code(&o, 0);
+    let sum: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(sum["ranks"], 4);
+    assert_same_tree(&src, &s.path("whole"));
+
+    // SIGKILL of rank 2 mid-copy: the step ends, nothing is committed, a resume on 2 ranks ends it.
+    let mut c = srun(
+        &s,
+        4,
+        &[
+            "copy",
+            "--chunk-size",
+            "256K",
+            "--threads",
+            "1",
+            "src",
+            "dst",
+        ],
+    )
+    .unwrap();
+    c.env("FERRY_FAILPOINTS", "copy::unit_written=delay(60)");
+    let mut child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn_tracked();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let id = line.trim().to_string();
+    let state = s.path("dst/.ferry");
+    let td = TransferDir::new(&state, &id);
+    wait_for(DEADLINE, || ferry::status::status(&td).bytes_done > 0);
+    let pid = rank_pid(&s, "SLURM_PROCID", 2).expect("rank 2 pid");
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let t0 = Instant::now();
+    let o = wait_deadline(child, DEATH_BOUND);
+    eprintln!(
+        "srun: rank 2 killed, step ended in {:?} (exit {:?})",
+        t0.elapsed(),
+        o.status.code()
+    );
+    assert!(!o.status.success());
+    assert!(!committed(&state, &id));
+    assert_no_torn_finals(&src, &s.path("dst"));
+    let o = wait_deadline(
+        srun(&s, 2, &["resume", &id])
+            .unwrap()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn_tracked(),
+        DEADLINE,
+    );
+    expect_code(&o, 0);
     assert_same_tree(&src, &s.path("dst"));
 }

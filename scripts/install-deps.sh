@@ -17,6 +17,11 @@ done
 have_cmd mpirun || need_pkgs+=(openmpi-bin)
 have_cmd mpicc || need_pkgs+=(libopenmpi-dev)
 ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || have_pkg libclang-dev || need_pkgs+=(libclang-dev)
+# A one-node Slurm cluster for the srun tests (scripts/slurm-cluster.sh).
+for pair in "slurmctld:slurmctld" "slurmd:slurmd" "sbatch:slurm-client" "munged:munge"; do
+  cmd=${pair%%:*}; pkg=${pair##*:}
+  have_cmd "$cmd" || [ -x "/usr/sbin/$cmd" ] || need_pkgs+=("$pkg")
+done
 # /usr/bin/time -v reports peak memory per rank (docs, issue notes).
 [ -x /usr/bin/time ] || need_pkgs+=(time)
 

@@ -34,8 +34,7 @@ fn run_and_kill(s: &Scratch, args: &[&str], state: &Path, target: u64) -> (Strin
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .spawn_tracked();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)

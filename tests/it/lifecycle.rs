@@ -12,8 +12,7 @@ fn spawn(s: &Scratch, fp: &str, args: &[&str]) -> Child {
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+        .spawn_tracked()
 }
 
 fn finish(child: Child) -> std::process::Output {
@@ -161,8 +160,7 @@ fn cancel_stops_a_running_transfer_and_removes_its_temporaries() {
         .args(["cancel", "c1"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_tracked();
     // The cancel request is on disk before the run goes on.
     wait_for(std::time::Duration::from_secs(30), || {
         s.path("dst/.ferry/c1/cancel-request").exists()

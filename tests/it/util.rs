@@ -391,3 +391,35 @@ pub fn temps_in(dst: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+static CHILDREN: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// Spawn and remember the child: if any test panics, every remembered ferry, mpirun or srun still
+/// running gets SIGTERM, so a failed test never leaves a paused run behind.
+pub trait SpawnTracked {
+    fn spawn_tracked(&mut self) -> Child;
+}
+
+impl SpawnTracked for Command {
+    fn spawn_tracked(&mut self) -> Child {
+        static HOOK: std::sync::Once = std::sync::Once::new();
+        HOOK.call_once(|| {
+            let default = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                default(info);
+                let pids = CHILDREN.lock().map(|v| v.clone()).unwrap_or_default();
+                for pid in pids {
+                    let cmd = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                    let cmd = String::from_utf8_lossy(&cmd);
+                    if cmd.contains("ferry") || cmd.contains("mpirun") || cmd.contains("srun") {
+                        // SAFETY: kill(2) on a pid we spawned; at worst it is already gone.
+                        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+                    }
+                }
+            }));
+        });
+        let child = self.spawn().unwrap();
+        CHILDREN.lock().unwrap().push(child.id());
+        child
+    }
+}
