@@ -32,7 +32,7 @@ test: deps lint
 	mkdir -p $(FERRY_TEST_TMP)
 	set -e; eval "$$(bash scripts/slurm-cluster.sh start)"; \
 	  trap 'bash scripts/slurm-cluster.sh stop' EXIT; \
-	  $(CARGO) test --features failpoints -- --test-threads 2
+	  FERRY_REQUIRE_SLURM=1 $(CARGO) test --features failpoints -- --test-threads 2
 	rm -rf $(FERRY_TEST_TMP)
 
 demo: release

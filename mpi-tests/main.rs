@@ -462,6 +462,11 @@ fn without_a_launcher_the_same_binary_is_one_rank_also_as_an_mpi_singleton() {
 /// sets SLURM_CONF). Without SLURM_CONF these tests say so and do nothing.
 fn srun(s: &Scratch, n: usize, args: &[&str]) -> Option<Command> {
     if std::env::var_os("SLURM_CONF").is_none() {
+        // make test sets FERRY_REQUIRE_SLURM: there a missing cluster is a failure, not a skip.
+        assert!(
+            std::env::var_os("FERRY_REQUIRE_SLURM").is_none(),
+            "SLURM_CONF is not set but FERRY_REQUIRE_SLURM is"
+        );
         eprintln!("SLURM_CONF is not set: srun tests need `scripts/slurm-cluster.sh start` (make test does it)");
         return None;
     }
