@@ -37,6 +37,33 @@ pub trait Comm {
         Ok(if self.rank() == root { all } else { Vec::new() })
     }
 
+    /// `root` sends `parts[r]` to each rank `r` (`parts` is ignored elsewhere); each rank
+    /// receives its own part. The default goes through [`Comm::broadcast`], fine within one
+    /// process; MPI sends each rank only its part.
+    fn scatter(&self, root: usize, parts: &[Vec<u8>]) -> Result<Vec<u8>> {
+        let mut packed = Vec::new();
+        if self.rank() == root {
+            for p in parts {
+                packed.extend_from_slice(&(p.len() as u64).to_le_bytes());
+                packed.extend_from_slice(p);
+            }
+        }
+        let all = self.broadcast(root, &packed)?;
+        let mut at = 0usize;
+        for r in 0..self.size() {
+            if at + 8 > all.len() {
+                return Err(Error::internal("scatter: short message"));
+            }
+            let len = decode_u64(&all[at..at + 8]) as usize;
+            at += 8;
+            if r == self.rank() {
+                return Ok(all[at..at + len].to_vec());
+            }
+            at += len;
+        }
+        Err(Error::internal("scatter: no part for this rank"))
+    }
+
     /// The sum of `v` over all ranks.
     fn allreduce_sum(&self, v: u64) -> Result<u64> {
         let all = self.allgather(&v.to_le_bytes())?;
@@ -248,6 +275,9 @@ mod tests {
             assert_eq!(all, vec![vec![0], vec![1], vec![2], vec![3]]);
             let b = c.broadcast(2, b"from two")?;
             assert_eq!(b, b"from two");
+            let parts: Vec<Vec<u8>> = (0..4u8).map(|r| vec![r; r as usize]).collect();
+            let mine = c.scatter(1, if c.rank() == 1 { &parts } else { &[] })?;
+            assert_eq!(mine, vec![c.rank() as u8; c.rank()]);
             let s = c.allreduce_sum(c.rank() as u64 + 1)?;
             Ok(s)
         });

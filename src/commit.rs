@@ -24,14 +24,16 @@ use crate::state::{self, names, TransferDir};
 
 /// Entries of `kind` that rank `me` of `n` owns, in plan order.
 fn owned(plan: &Plan, me: usize, n: usize, kind: Kind) -> impl Iterator<Item = usize> + '_ {
-    (0..plan.entries.len()).filter(move |&e| plan.entries[e].kind == kind && plan.owner(e, n) == me)
+    plan.held_entries()
+        .into_iter()
+        .filter(move |&e| plan.entry(e).kind == kind && plan.owner(e, n) == me)
 }
 
 /// Make the directory entries of the temporary files this rank owns durable (before the
 /// decision: afterwards a missing temporary file can only mean it was renamed).
 pub fn sync_temp_dirs(plan: &Plan, me: usize, n: usize) -> Result<()> {
     let dirs: BTreeSet<PathBuf> = owned(plan, me, n, Kind::File)
-        .map(|e| fsio::parent_of(&plan.entries[e].dst).to_path_buf())
+        .map(|e| fsio::parent_of(&plan.entry(e).dst).to_path_buf())
         .collect();
     for d in dirs {
         fsio::fsync_dir(&d)?;
@@ -45,7 +47,7 @@ pub fn sync_temp_dirs(plan: &Plan, me: usize, n: usize) -> Result<()> {
 pub fn finalize_entries(plan: &Plan, me: usize, n: usize) -> Result<()> {
     let mut dirs = BTreeSet::new();
     for e in owned(plan, me, n, Kind::File) {
-        let ent = &plan.entries[e];
+        let ent = plan.entry(e);
         dirs.insert(fsio::parent_of(&ent.dst).to_path_buf());
         let tmp = crate::engine::temp_path(plan, e);
         match fs::symlink_metadata(&tmp) {
@@ -67,7 +69,7 @@ pub fn finalize_entries(plan: &Plan, me: usize, n: usize) -> Result<()> {
         }
     }
     for e in owned(plan, me, n, Kind::Symlink) {
-        let ent = &plan.entries[e];
+        let ent = plan.entry(e);
         let target = ent.target.as_ref().ok_or_else(|| {
             Error::internal("symlink without a target in the plan").with_path(&ent.src)
         })?;
@@ -90,7 +92,7 @@ pub fn finalize_entries(plan: &Plan, me: usize, n: usize) -> Result<()> {
 /// Check with a stat that every final name this rank owns holds what the plan says.
 pub fn check_finals(plan: &Plan, me: usize, n: usize) -> Result<()> {
     for e in owned(plan, me, n, Kind::File) {
-        let ent = &plan.entries[e];
+        let ent = plan.entry(e);
         let md = fs::symlink_metadata(&ent.dst).ctx("stat", &ent.dst)?;
         if !md.is_file() || md.len() != ent.size {
             return Err(Error::integrity(
@@ -107,7 +109,7 @@ pub fn check_finals(plan: &Plan, me: usize, n: usize) -> Result<()> {
         }
     }
     for e in owned(plan, me, n, Kind::Symlink) {
-        let ent = &plan.entries[e];
+        let ent = plan.entry(e);
         let t = fs::read_link(&ent.dst).ctx("readlink", &ent.dst)?;
         if Some(&t) != ent.target.as_ref() {
             return Err(
@@ -125,7 +127,7 @@ pub fn finish_dirs(plan: &Plan, me: usize, n: usize) -> Result<()> {
     let mine: Vec<usize> = owned(plan, me, n, Kind::Dir).collect();
     let mut parents = BTreeSet::new();
     for &e in mine.iter().rev() {
-        let ent = &plan.entries[e];
+        let ent = plan.entry(e);
         fsio::set_mode_and_times(&ent.dst, Some(ent.mode), ent.mtime)?;
         fsio::fsync_dir(&ent.dst)?;
         parents.insert(fsio::parent_of(&ent.dst).to_path_buf());
@@ -167,7 +169,7 @@ pub fn delete_source_files(plan: &Plan, me: usize, n: usize) -> Result<Vec<PathB
     let mut kept = Vec::new();
     for kind in [Kind::File, Kind::Symlink] {
         for e in owned(plan, me, n, kind) {
-            let ent = &plan.entries[e];
+            let ent = plan.entry(e);
             let src = &ent.src;
             failpoints::io("delete::source", src)?;
             let md = match fs::symlink_metadata(src) {
@@ -208,7 +210,7 @@ pub fn delete_source_dirs(plan: &Plan, me: usize, n: usize) -> Result<Vec<PathBu
     let mut kept = Vec::new();
     let mine: Vec<usize> = owned(plan, me, n, Kind::Dir).collect();
     for &e in mine.iter().rev() {
-        let src = &plan.entries[e].src;
+        let src = &plan.entry(e).src;
         match fs::remove_dir(src) {
             Ok(()) => match fsio::fsync_dir(fsio::parent_of(src)) {
                 Err(e) if e.class == crate::ErrorClass::NotFound => {}
@@ -232,8 +234,8 @@ pub fn delete_source_dirs(plan: &Plan, me: usize, n: usize) -> Result<Vec<PathBu
 pub fn remove_temps(plan: &Plan, me: usize, n: usize) -> Result<usize> {
     let mut count = 0;
     let mut dirs = BTreeSet::new();
-    for e in 0..plan.entries.len() {
-        if plan.entries[e].kind == Kind::Dir || plan.owner(e, n) != me {
+    for e in plan.held_entries() {
+        if plan.entry(e).kind == Kind::Dir || plan.owner(e, n) != me {
             continue;
         }
         let tmp = crate::engine::temp_path(plan, e);

@@ -97,7 +97,7 @@ impl Stopper {
 
 /// The temporary name of entry `e`: beside its final name, so the rename stays in one directory.
 pub fn temp_path(plan: &Plan, e: usize) -> PathBuf {
-    let dst = &plan.entries[e].dst;
+    let dst = &plan.entry(e).dst;
     fsio::parent_of(dst).join(format!(".ferry-{}-{e}.tmp", plan.id))
 }
 
@@ -170,8 +170,8 @@ fn changed(e: &Entry, md: &fs::Metadata) -> Error {
 /// Copy one unit; returns its record and, if this call created the temporary file, its directory.
 fn copy_unit(job: &CopyJob, u: u32) -> Result<(UnitDone, Option<PathBuf>)> {
     let plan = job.plan;
-    let unit = plan.units[u as usize];
-    let e = &plan.entries[unit.entry as usize];
+    let unit = plan.unit(u);
+    let e = plan.entry(unit.entry as usize);
     failpoints::io("copy::unit_start", &e.src)?;
     let src = OpenOptions::new()
         .read(true)
@@ -186,8 +186,10 @@ fn copy_unit(job: &CopyJob, u: u32) -> Result<(UnitDone, Option<PathBuf>)> {
     let (dst, created) = fsio::open_temp(&tmp)?;
     let crc = BUF.with(|b| {
         let mut buf = b.borrow_mut();
-        if buf.len() < BUF_SIZE {
-            buf.resize(BUF_SIZE, 0);
+        // Grown to the largest unit seen, at most BUF_SIZE: small files keep small buffers.
+        let want = (unit.len as usize).clamp(1, BUF_SIZE);
+        if buf.len() < want {
+            buf.resize(want, 0);
         }
         copy_range(
             job,
@@ -269,8 +271,8 @@ pub fn verify_units(
     pool.install(|| {
         units.par_iter().try_for_each(|&u| {
             stopper.check()?;
-            let unit = plan.units[u as usize];
-            let e = &plan.entries[unit.entry as usize];
+            let unit = plan.unit(u);
+            let e = plan.entry(unit.entry as usize);
             let tmp = temp_path(plan, unit.entry as usize);
             let path = if tmp.exists() { tmp } else { e.dst.clone() };
             let f = OpenOptions::new()

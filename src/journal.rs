@@ -251,8 +251,7 @@ pub fn scan(td: &TransferDir, plan: &Plan, plan_crc: u32) -> Result<Scan> {
             for chunk in body.chunks_exact(RECORD_SIZE) {
                 match (UnitDone::decode(chunk), decode_void(chunk)) {
                     (Some(r), _)
-                        if (r.unit as usize) < plan.units.len()
-                            && plan.units[r.unit as usize].len == r.len =>
+                        if (r.unit as usize) < plan.n_units() && plan.unit(r.unit).len == r.len =>
                     {
                         units.push(r)
                     }
@@ -264,7 +263,7 @@ pub fn scan(td: &TransferDir, plan: &Plan, plan_crc: u32) -> Result<Scan> {
         if !voids.is_empty() {
             let voided: std::collections::HashSet<u32> = voids.into_iter().collect();
             out.units
-                .retain(|u, _| !voided.contains(&plan.units[*u as usize].entry));
+                .retain(|u, _| !voided.contains(&plan.unit(*u).entry));
         }
         for r in units {
             out.units.insert(r.unit, r);

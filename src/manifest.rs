@@ -97,7 +97,7 @@ pub fn build(plan: &Plan, unit_crc: &HashMap<u32, u32>) -> Result<Manifest> {
                         Error::internal(format!("unit {u} has no checksum at commit time"))
                             .with_path(&e.dst)
                     })?;
-                    parts.push((*crc, plan.units[u as usize].len));
+                    parts.push((*crc, plan.unit(u).len));
                 }
                 m.bytes += e.size;
                 m.files.push(FileRecord {

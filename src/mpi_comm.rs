@@ -210,6 +210,105 @@ impl Comm for MpiComm {
         Ok(buf)
     }
 
+    fn gather(&self, root: usize, data: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let proc = self.world.process_at_rank(root as i32);
+        let n = self.size;
+        let mine = data.len() as u64;
+        let pad = [0u8];
+        // Zero counts are refused by Open MPI's v-collectives: an empty part travels as a byte.
+        let send: &[u8] = if data.is_empty() { &pad } else { data };
+        if self.rank != root {
+            mpi::request::scope(|scope| {
+                wait_polled(proc.immediate_gather_into(scope, &mine));
+            });
+            mpi::request::scope(|scope| {
+                wait_polled(proc.immediate_gather_varcount_into(scope, send));
+            });
+            return Ok(Vec::new());
+        }
+        let mut sizes = vec![0u64; n];
+        mpi::request::scope(|scope| {
+            wait_polled(proc.immediate_gather_into_root(scope, &mine, &mut sizes[..]));
+        });
+        let counts: Vec<u64> = sizes.iter().map(|&s| s.max(1)).collect();
+        let total: u64 = counts.iter().sum();
+        if total > Count::MAX as u64 {
+            return Err(too_big(total as usize));
+        }
+        let counts: Vec<Count> = counts.iter().map(|&c| c as Count).collect();
+        let displs: Vec<Count> = counts
+            .iter()
+            .scan(0, |acc, &c| {
+                let d = *acc;
+                *acc += c;
+                Some(d)
+            })
+            .collect();
+        let mut buf = vec![0u8; total as usize];
+        {
+            let mut part = PartitionMut::new(&mut buf[..], &counts[..], &displs[..]);
+            mpi::request::scope(|scope| {
+                wait_polled(proc.immediate_gather_varcount_into_root(scope, send, &mut part));
+            });
+        }
+        Ok((0..n)
+            .map(|r| {
+                let d = displs[r] as usize;
+                buf[d..d + sizes[r] as usize].to_vec()
+            })
+            .collect())
+    }
+
+    fn scatter(&self, root: usize, parts: &[Vec<u8>]) -> Result<Vec<u8>> {
+        let proc = self.world.process_at_rank(root as i32);
+        let n = self.size;
+        let mut len: u64 = 0;
+        let mut counts: Vec<Count> = Vec::new();
+        let mut displs: Vec<Count> = Vec::new();
+        let mut send: Vec<u8> = Vec::new();
+        if self.rank == root {
+            if parts.len() != n {
+                return Err(Error::internal("scatter: one part per rank is needed"));
+            }
+            let sizes: Vec<u64> = parts.iter().map(|p| p.len() as u64).collect();
+            mpi::request::scope(|scope| {
+                wait_polled(proc.immediate_scatter_into_root(scope, &sizes[..], &mut len));
+            });
+            // Zero counts are refused by Open MPI's v-collectives: empty parts travel as a byte.
+            let total: u64 = sizes.iter().map(|&s| s.max(1)).sum();
+            if total > Count::MAX as u64 {
+                return Err(too_big(total as usize));
+            }
+            send.reserve(total as usize);
+            for p in parts {
+                displs.push(send.len() as Count);
+                if p.is_empty() {
+                    send.push(0);
+                } else {
+                    send.extend_from_slice(p);
+                }
+                counts.push(p.len().max(1) as Count);
+            }
+        } else {
+            mpi::request::scope(|scope| {
+                wait_polled(proc.immediate_scatter_into(scope, &mut len));
+            });
+        }
+        let mut buf = vec![0u8; len.max(1) as usize];
+        if self.rank == root {
+            let part = mpi::datatype::Partition::new(&send[..], &counts[..], &displs[..]);
+            mpi::request::scope(|scope| {
+                wait_polled(proc.immediate_scatter_varcount_into_root(scope, &part, &mut buf[..]));
+            });
+        } else {
+            mpi::request::scope(|scope| {
+                wait_polled(proc.immediate_scatter_varcount_into(scope, &mut buf[..]));
+            });
+        }
+        buf.truncate(len as usize);
+        Ok(buf)
+    }
+
     fn barrier(&self) -> Result<()> {
         wait_polled(self.world.immediate_barrier());
         Ok(())

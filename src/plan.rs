@@ -132,37 +132,197 @@ pub struct Plan {
     pub verify: bool,
     /// Copy threads per rank.
     pub threads: usize,
-    /// Everything to create, parents before children.
+    /// Everything to create, parents before children (in a slice: only the entries held).
     pub entries: Vec<Entry>,
-    /// The file pieces to copy.
+    /// The file pieces to copy (in a slice: only the units held).
     pub units: Vec<Unit>,
+    /// In a rank's slice: the plan-wide index of each held entry, ascending.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entry_ids: Vec<u32>,
+    /// In a rank's slice: the plan-wide index of each held unit, ascending.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unit_ids: Vec<u32>,
+    /// In a rank's slice: the figures of the whole plan. `None` for the whole plan itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub whole: Option<Totals>,
+}
+
+/// The figures of a whole plan, carried by each rank's slice of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    /// Entries in the plan.
+    pub entries: usize,
+    /// Units in the plan.
+    pub units: usize,
+    /// Regular files.
+    pub files: usize,
+    /// Directories.
+    pub dirs: usize,
+    /// Symlinks.
+    pub symlinks: usize,
+    /// Bytes of all units.
+    pub bytes: u64,
 }
 
 impl Plan {
-    /// Total bytes of all units.
+    /// Total bytes of all units (of the whole plan, also in a slice).
     pub fn bytes_total(&self) -> u64 {
-        self.units.iter().map(|u| u.len).sum()
+        match self.whole {
+            Some(t) => t.bytes,
+            None => self.units.iter().map(|u| u.len).sum(),
+        }
     }
 
-    /// Count entries of a kind.
+    /// Count entries of a kind (in the whole plan, also in a slice).
     pub fn count(&self, kind: Kind) -> usize {
-        self.entries.iter().filter(|e| e.kind == kind).count()
+        match (self.whole, kind) {
+            (Some(t), Kind::File) => t.files,
+            (Some(t), Kind::Dir) => t.dirs,
+            (Some(t), Kind::Symlink) => t.symlinks,
+            (None, _) => self.entries.iter().filter(|e| e.kind == kind).count(),
+        }
     }
 
-    /// The indices of entry `e`'s units, in offset order (units are made entry by entry, so
-    /// they are contiguous; no index is kept in memory).
-    pub fn units_of(&self, e: usize) -> std::ops::Range<u32> {
+    /// Entries in the whole plan.
+    pub fn n_entries(&self) -> usize {
+        self.whole.map_or(self.entries.len(), |t| t.entries)
+    }
+
+    /// Units in the whole plan.
+    pub fn n_units(&self) -> usize {
+        self.whole.map_or(self.units.len(), |t| t.units)
+    }
+
+    /// Whether this is one rank's slice rather than the whole plan.
+    pub fn is_slice(&self) -> bool {
+        self.whole.is_some()
+    }
+
+    /// Entry `e` (plan-wide index). In a slice, only held entries may be asked for: asking for
+    /// another is a bug in who was sent what.
+    pub fn entry(&self, e: usize) -> &Entry {
+        if self.whole.is_none() {
+            return &self.entries[e];
+        }
+        match self.entry_ids.binary_search(&(e as u32)) {
+            Ok(i) => &self.entries[i],
+            Err(_) => panic!("entry {e} is not in this rank's slice of the plan"),
+        }
+    }
+
+    /// Unit `u` (plan-wide index); in a slice, only a held one.
+    pub fn unit(&self, u: u32) -> Unit {
+        if self.whole.is_none() {
+            return self.units[u as usize];
+        }
+        match self.unit_ids.binary_search(&u) {
+            Ok(i) => self.units[i],
+            Err(_) => panic!("unit {u} is not in this rank's slice of the plan"),
+        }
+    }
+
+    /// Plan-wide indices of the entries held (all of them in the whole plan).
+    pub fn held_entries(&self) -> Vec<usize> {
+        if self.whole.is_none() {
+            (0..self.entries.len()).collect()
+        } else {
+            self.entry_ids.iter().map(|&e| e as usize).collect()
+        }
+    }
+
+    /// The plan-wide indices of entry `e`'s units, in offset order (units are made entry by
+    /// entry, so they are contiguous and found by binary search).
+    pub fn units_of(&self, e: usize) -> Vec<u32> {
         let e = e as u32;
         let lo = self.units.partition_point(|u| u.entry < e);
         let hi = self.units.partition_point(|u| u.entry <= e);
-        lo as u32..hi as u32
+        if self.whole.is_none() {
+            (lo as u32..hi as u32).collect()
+        } else {
+            self.unit_ids[lo..hi].to_vec()
+        }
+    }
+
+    /// The slice of this (whole) plan holding `entries` and `units` (plan-wide indices; the
+    /// entries of the units are added), for one rank.
+    pub fn slice(
+        &self,
+        entries: &std::collections::BTreeSet<u32>,
+        units: &std::collections::BTreeSet<u32>,
+    ) -> Plan {
+        let mut ents: std::collections::BTreeSet<u32> = entries.clone();
+        ents.extend(units.iter().map(|&u| self.units[u as usize].entry));
+        Plan {
+            entries: ents
+                .iter()
+                .map(|&e| self.entries[e as usize].clone())
+                .collect(),
+            units: units.iter().map(|&u| self.units[u as usize]).collect(),
+            entry_ids: ents.into_iter().collect(),
+            unit_ids: units.iter().copied().collect(),
+            whole: Some(Totals {
+                entries: self.entries.len(),
+                units: self.units.len(),
+                files: self.count(Kind::File),
+                dirs: self.count(Kind::Dir),
+                symlinks: self.count(Kind::Symlink),
+                bytes: self.bytes_total(),
+            }),
+            ..self.header()
+        }
+    }
+
+    /// The plan without entries and units (what a rank needs before it gets its slice).
+    pub fn header(&self) -> Plan {
+        Plan {
+            format: self.format,
+            id: self.id.clone(),
+            layout: self.layout,
+            chunk_size: self.chunk_size,
+            ranks: self.ranks,
+            created: self.created.clone(),
+            user: self.user.clone(),
+            host: self.host.clone(),
+            sources: self.sources.clone(),
+            dest: self.dest.clone(),
+            delete_source: self.delete_source,
+            verify: self.verify,
+            threads: self.threads,
+            entries: Vec::new(),
+            units: Vec::new(),
+            entry_ids: Vec::new(),
+            unit_ids: Vec::new(),
+            whole: Some(Totals {
+                entries: self.n_entries(),
+                units: self.n_units(),
+                files: self.count(Kind::File),
+                dirs: self.count(Kind::Dir),
+                symlinks: self.count(Kind::Symlink),
+                bytes: self.bytes_total(),
+            }),
+        }
+    }
+
+    /// Add another slice's entries and units to this slice.
+    pub fn absorb(&mut self, other: Plan) {
+        let mut ents: std::collections::BTreeMap<u32, Entry> = self
+            .entry_ids
+            .drain(..)
+            .zip(self.entries.drain(..))
+            .collect();
+        ents.extend(other.entry_ids.into_iter().zip(other.entries));
+        let mut units: std::collections::BTreeMap<u32, Unit> =
+            self.unit_ids.drain(..).zip(self.units.drain(..)).collect();
+        units.extend(other.unit_ids.into_iter().zip(other.units));
+        (self.entry_ids, self.entries) = ents.into_iter().unzip();
+        (self.unit_ids, self.units) = units.into_iter().unzip();
     }
 
     /// The rank that finalises entry `e` (renames it, restores metadata, removes its source):
     /// its holder in the local layout; otherwise files and symlinks spread by index and every
     /// directory on rank 0 (directories are finished deepest first, after all files).
     pub fn owner(&self, e: usize, nranks: usize) -> usize {
-        let ent = &self.entries[e];
+        let ent = self.entry(e);
         match (self.layout, ent.holder) {
             (Layout::Local, Some(h)) => h,
             _ if ent.kind == Kind::Dir => 0,
@@ -535,6 +695,9 @@ mod tests {
             threads: 1,
             entries,
             units,
+            entry_ids: Vec::new(),
+            unit_ids: Vec::new(),
+            whole: None,
         }
     }
 
@@ -620,6 +783,27 @@ mod tests {
         let all: Vec<u32> = (0..4).collect();
         assert_eq!(p.assign(&all, 2).unwrap(), vec![vec![0, 2], vec![1, 3]]);
         assert_eq!(p.assign(&all, 3).unwrap_err().class, ErrorClass::Usage);
+    }
+
+    #[test]
+    fn a_slice_holds_only_what_its_rank_was_given() {
+        let p = plan((0..10).map(|i| file(i, 300)).collect(), 100);
+        let ents: std::collections::BTreeSet<u32> = [2, 7].into_iter().collect();
+        let units: std::collections::BTreeSet<u32> = p.units_of(2).into_iter().collect();
+        let mut sl = p.slice(&ents, &units);
+        assert!(sl.is_slice());
+        assert_eq!((sl.n_entries(), sl.n_units()), (10, 30));
+        assert_eq!(sl.bytes_total(), p.bytes_total());
+        assert_eq!(sl.entry(7), p.entry(7));
+        assert_eq!(sl.units_of(2), p.units_of(2));
+        assert!(sl.units_of(7).is_empty(), "units of 7 were not given");
+        assert_eq!(sl.held_entries(), vec![2, 7]);
+        let more: std::collections::BTreeSet<u32> = p.units_of(9).into_iter().collect();
+        sl.absorb(p.slice(&Default::default(), &more));
+        assert_eq!(sl.held_entries(), vec![2, 7, 9]);
+        assert_eq!(sl.units_of(9), p.units_of(9));
+        assert_eq!(sl.unit(p.units_of(9)[1]), p.unit(p.units_of(9)[1]));
+        assert!(std::panic::catch_unwind(|| sl.entry(3).size).is_err());
     }
 
     #[test]

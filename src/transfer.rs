@@ -172,20 +172,6 @@ fn same_command(comm: &dyn Comm, fingerprint: &str) -> Result<()> {
     }
 }
 
-/// Rank 0 produces bytes (or an error) that every rank receives as they are.
-fn root_bytes<F>(comm: &dyn Comm, f: F) -> Result<Vec<u8>>
-where
-    F: FnOnce() -> Result<Vec<u8>>,
-{
-    let local = if comm.rank() == 0 {
-        f()
-    } else {
-        Ok(Vec::new())
-    };
-    let bytes = agree(comm, local)?;
-    comm.broadcast(0, &bytes)
-}
-
 /// Rank 0 computes a value (or an error) that every rank receives.
 fn from_root<T, F>(comm: &dyn Comm, f: F) -> Result<T>
 where
@@ -288,18 +274,21 @@ pub fn copy(comm: &dyn Comm, opts: &CopyOptions, run: &RunOptions) -> Result<Sum
                 }
             }
         }
-        let plan_body = root_bytes(comm, || {
+        // Rank 0 keeps the whole plan; the others get its header now and their slice later.
+        let mut whole = None;
+        let shared = from_root(comm, || {
             plan::check_paths(&entries, &[])?;
             let plan = make_plan(opts, layout, &td, n, std::mem::take(&mut entries));
             let body = encode(&plan)?;
             failpoints::hit("plan::walked")?;
             state::write_record_raw(&td.file(names::PLAN), "plan", &body)?;
             failpoints::hit("plan::written")?;
-            Ok(body)
+            let head = plan.header();
+            whole = Some(plan);
+            Ok((head, crc32fast::hash(&body)))
         })?;
-        let plan: Plan = decode(&plan_body)?;
-        let crc = crc32fast::hash(&plan_body);
-        Ok((plan, crc))
+        let (head, crc): (Plan, u32) = shared;
+        Ok((whole.unwrap_or(head), crc))
     })();
     let (plan, crc) = match result {
         Ok(v) => v,
@@ -461,6 +450,9 @@ fn make_plan(
         threads: opts.threads,
         entries,
         units,
+        entry_ids: Vec::new(),
+        unit_ids: Vec::new(),
+        whole: None,
     }
 }
 
@@ -489,11 +481,17 @@ pub fn resume(
         path: crate::pathser::decode(&path).map_err(Error::internal)?,
         id,
     };
-    // The plan travels as the bytes stored: journals are bound to their CRC.
-    let body = root_bytes(comm, || status::read_plan_body(&td).map(|(_, body)| body))?;
-    let plan: Plan = decode(&body)?;
-    let crc = crc32fast::hash(&body);
-    drop(body);
+    // Rank 0 reads the whole plan; the others get its header (and later their slice), with the
+    // CRC of the plan as stored, to which journals are bound.
+    let mut whole = None;
+    let shared = from_root(comm, || {
+        let (plan, body) = status::read_plan_body(&td)?;
+        let head = plan.header();
+        whole = Some(plan);
+        Ok((head, crc32fast::hash(&body)))
+    })?;
+    let (head, crc): (Plan, u32) = shared;
+    let plan = whole.unwrap_or(head);
     execute(comm, &td, &plan, crc, run, lock)
 }
 
@@ -509,6 +507,72 @@ struct Known {
     discarded: usize,
     /// (unit, len, crc) of every journaled unit.
     records: Vec<(u32, u64, u32)>,
+}
+
+/// A journal record as ranks exchange it: (unit, length, CRC32).
+type Record = (u32, u64, u32);
+
+/// What a rank is sent at the start of a run: the plan entries it owns (with their units) and
+/// the journal records of those units.
+#[derive(Debug, Serialize, Deserialize)]
+struct SliceMsg {
+    plan: Plan,
+    records: Vec<Record>,
+}
+
+/// Rank 0 sends every other rank the entries it owns, their units and their journal records.
+/// Returns this rank's slice and records (rank 0: the header and every record; it works on the
+/// whole plan).
+fn deliver_owned(
+    comm: &dyn Comm,
+    plan: &Plan,
+    records: Vec<Record>,
+) -> Result<(Plan, Vec<Record>)> {
+    let (me, n) = (comm.rank(), comm.size());
+    let build = || {
+        let mut ents = vec![std::collections::BTreeSet::new(); n];
+        let mut units = vec![std::collections::BTreeSet::new(); n];
+        for e in 0..plan.n_entries() {
+            let o = plan.owner(e, n);
+            if o != 0 {
+                ents[o].insert(e as u32);
+                units[o].extend(plan.units_of(e));
+            }
+        }
+        let by_unit: HashMap<u32, (u32, u64, u32)> = records.iter().map(|r| (r.0, *r)).collect();
+        (0..n)
+            .map(|r| {
+                if r == 0 {
+                    return Ok(Vec::new());
+                }
+                let recs = units[r]
+                    .iter()
+                    .filter_map(|u| by_unit.get(u).copied())
+                    .collect();
+                encode(&SliceMsg {
+                    plan: plan.slice(&ents[r], &units[r]),
+                    records: recs,
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+    };
+    let parts = agree(comm, if me == 0 { build() } else { Ok(Vec::new()) })?;
+    let mine = comm.scatter(0, &parts)?;
+    drop(parts);
+    if me == 0 {
+        return Ok((plan.header(), records));
+    }
+    let msg: SliceMsg = decode(&mine)?;
+    Ok((msg.plan, msg.records))
+}
+
+/// What rank 0 tells a rank before the copy: the units it copies, those it verifies, and the
+/// part of the plan it needs for them beyond what it owns.
+#[derive(Debug, Serialize, Deserialize)]
+struct Work {
+    copy: Vec<u32>,
+    verify: Vec<u32>,
+    extra: Option<Plan>,
 }
 
 fn read_known(td: &TransferDir, plan: &Plan, crc: u32) -> Result<Known> {
@@ -552,19 +616,25 @@ fn read_known(td: &TransferDir, plan: &Plan, crc: u32) -> Result<Known> {
 /// Entries whose temporary file is gone or shorter than its journal says are returned to be
 /// voided: their old records describe a file that no longer exists, and must not vouch for a new
 /// one made under the same name.
-fn still_durable(plan: &Plan, known: &Known, me: usize, n: usize) -> (Vec<u32>, Vec<u32>) {
-    let journaled: HashMap<u32, u64> = known.records.iter().map(|&(u, l, _)| (u, l)).collect();
+fn still_durable(
+    plan: &Plan,
+    records: &[(u32, u64, u32)],
+    decided: bool,
+    me: usize,
+    n: usize,
+) -> (Vec<u32>, Vec<u32>) {
+    let journaled: HashMap<u32, u64> = records.iter().map(|&(u, l, _)| (u, l)).collect();
     let mut ok = Vec::new();
     let mut void = Vec::new();
-    for e in 0..plan.entries.len() {
-        if plan.entries[e].kind != Kind::File || plan.owner(e, n) != me {
+    for e in plan.held_entries() {
+        if plan.entry(e).kind != Kind::File || plan.owner(e, n) != me {
             continue;
         }
-        let units: Vec<u32> = plan.units_of(e).collect();
+        let units = plan.units_of(e);
         if !units.iter().any(|u| journaled.contains_key(u)) {
             continue;
         }
-        let ent = &plan.entries[e];
+        let ent = plan.entry(e);
         let tmp = engine::temp_path(plan, e);
         let mine: Vec<u32> = units
             .iter()
@@ -574,7 +644,7 @@ fn still_durable(plan: &Plan, known: &Known, me: usize, n: usize) -> (Vec<u32>, 
         match std::fs::symlink_metadata(&tmp) {
             Ok(md) if md.is_file() => {
                 let whole = mine.iter().all(|&u| {
-                    let unit = plan.units[u as usize];
+                    let unit = plan.unit(u);
                     md.len() >= unit.offset + unit.len
                 });
                 if whole {
@@ -586,7 +656,7 @@ fn still_durable(plan: &Plan, known: &Known, me: usize, n: usize) -> (Vec<u32>, 
             // After the decision a missing temporary file was renamed (its directory entry was
             // made durable before the decision, so power loss cannot have taken it).
             Err(_)
-                if known.decided
+                if decided
                     && units.iter().all(|u| journaled.contains_key(u))
                     && std::fs::symlink_metadata(&ent.dst)
                         .map(|m| m.is_file() && m.len() == ent.size)
@@ -621,7 +691,14 @@ fn execute(
         }
     }
     let _member = agree(comm, state::Member::join(td))?;
-    let known: Known = from_root(comm, || read_known(td, plan, crc))?;
+    // Journal records stay on rank 0; each rank is sent those of the entries it owns.
+    let mut records = Vec::new();
+    let known: Known = from_root(comm, || {
+        let mut k = read_known(td, plan, crc)?;
+        records = std::mem::take(&mut k.records);
+        Ok(k)
+    })?;
+    let (mut slice, records) = deliver_owned(comm, plan, records)?;
     let mut sum = Summary {
         id: plan.id.clone(),
         state: State::Copying,
@@ -648,10 +725,11 @@ fn execute(
     }
     if known.committed {
         if plan.delete_source {
+            let wp = if me == 0 { plan } else { &slice };
             sum.sources_removed = Some(if known.sources_removed {
                 true
             } else {
-                delete_sources(comm, td, plan)?
+                delete_sources(comm, td, wp)?
             });
         }
         sum.state = State::Committed;
@@ -668,12 +746,13 @@ fn execute(
     };
     let progress = engine::progress_or_default(run.progress.as_ref());
     let res = run_phases(
-        comm, td, plan, crc, run, &known, &stopper, &progress, &mut sum,
+        comm, td, plan, &mut slice, &records, crc, run, &known, &stopper, &progress, &mut sum,
     );
+    let wp = if me == 0 { plan } else { &slice };
     let res = match res {
         Ok(()) => Ok(()),
         Err(e) if e.class == ErrorClass::Cancelled => {
-            let cleaned = commit::remove_temps(plan, me, n);
+            let cleaned = commit::remove_temps(wp, me, n);
             let cleaned = agree(comm, cleaned.map(|_| ()));
             if me == 0 && cleaned.is_ok() {
                 let (user, host) = state::who();
@@ -708,6 +787,8 @@ fn run_phases(
     comm: &dyn Comm,
     td: &TransferDir,
     plan: &Plan,
+    slice: &mut Plan,
+    records: &[(u32, u64, u32)],
     crc: u32,
     run: &RunOptions,
     known: &Known,
@@ -736,80 +817,116 @@ fn run_phases(
     let threads = run.threads.unwrap_or(plan.threads).max(1);
     let pool = agree(comm, engine::pool(threads))?;
     let journal = agree(comm, Journal::create(td, known.attempt, me, crc))?;
+    let verify = run.verify || plan.verify;
 
-    // Which journaled units are still durable where the journal says; void the records of
-    // temporary files that are gone before anything can make a new one under the same name.
-    let (ok, void) = still_durable(plan, known, me, n);
-    let mine_ok = agree(comm, journal.void(&void).and_then(|_| encode(&ok)))?;
+    // Which journaled units are still durable where the journal says (each rank for the entries
+    // it owns); void the records of temporary files that are gone before anything can make a
+    // new one under the same name.
+    let (ok, void) = {
+        let wp = if me == 0 { plan } else { &*slice };
+        still_durable(wp, records, known.decided, me, n)
+    };
+    let ok = agree(comm, journal.void(&void).and_then(|_| encode(&ok)))?;
+    let all_ok = comm.gather(0, &ok)?;
+
+    // Rank 0 decides who copies and who verifies what, and sends each rank its share.
     let mut crcs: HashMap<u32, u32> = HashMap::new();
-    let journaled: HashMap<u32, u32> = known.records.iter().map(|&(u, _, c)| (u, c)).collect();
-    for b in comm.allgather(&mine_ok)? {
-        for u in decode::<Vec<u32>>(&b)? {
-            if let Some(&c) = journaled.get(&u) {
-                crcs.insert(u, c);
+    let work = if me == 0 {
+        (|| {
+            let journaled: HashMap<u32, u32> = records.iter().map(|&(u, _, c)| (u, c)).collect();
+            for b in &all_ok {
+                for u in decode::<Vec<u32>>(b)? {
+                    if let Some(&c) = journaled.get(&u) {
+                        crcs.insert(u, c);
+                    }
+                }
             }
-        }
+            let reused: u64 = crcs.keys().map(|&u| plan.unit(u).len).sum();
+            sum.bytes_reused = reused;
+            let todo: Vec<u32> = (0..plan.n_units() as u32)
+                .filter(|u| !crcs.contains_key(u))
+                .collect();
+            progress.total.store(plan.bytes_total(), Ordering::Relaxed);
+            progress.done.fetch_add(reused, Ordering::Relaxed);
+            if known.attempt > 1 || !records.is_empty() {
+                let redo: u64 = todo.iter().map(|&u| plan.unit(u).len).sum();
+                log::info!(
+                    "resume of {}: {} of {} unit(s) already durable ({} bytes kept); re-copying \
+                     {} unit(s), {} bytes",
+                    plan.id,
+                    crcs.len(),
+                    plan.n_units(),
+                    reused,
+                    todo.len(),
+                    redo
+                );
+            }
+            let copy = plan.assign(&todo, n)?;
+            let check = if verify {
+                let all: Vec<u32> = (0..plan.n_units() as u32).collect();
+                plan.assign(&all, n)?
+            } else {
+                vec![Vec::new(); n]
+            };
+            copy.into_iter()
+                .zip(check)
+                .enumerate()
+                .map(|(r, (copy, verify))| {
+                    let extra = (r != 0).then(|| {
+                        let units: std::collections::BTreeSet<u32> =
+                            copy.iter().chain(verify.iter()).copied().collect();
+                        plan.slice(&Default::default(), &units)
+                    });
+                    encode(&Work {
+                        copy,
+                        verify,
+                        extra,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()
+        })()
+    } else {
+        Ok(Vec::new())
+    };
+    drop(all_ok);
+    let parts = agree(comm, work)?;
+    let work: Work = decode(&comm.scatter(0, &parts)?)?;
+    drop(parts);
+    if let Some(extra) = work.extra {
+        slice.absorb(extra);
     }
-    let reused: u64 = crcs.keys().map(|&u| plan.units[u as usize].len).sum();
-    sum.bytes_reused = reused;
-    let todo: Vec<u32> = (0..plan.units.len() as u32)
-        .filter(|u| !crcs.contains_key(u))
-        .collect();
-    let assignment = agree(comm, plan.assign(&todo, n))?;
-    let mine = &assignment[me];
-    if me == 0 {
-        progress.total.store(plan.bytes_total(), Ordering::Relaxed);
-        progress.done.fetch_add(reused, Ordering::Relaxed);
-        if known.attempt > 1 || !known.records.is_empty() {
-            let redo: u64 = todo.iter().map(|&u| plan.units[u as usize].len).sum();
-            log::info!(
-                "resume of {}: {} of {} unit(s) already durable ({} bytes kept); re-copying {} \
-                 unit(s), {} bytes",
-                plan.id,
-                crcs.len(),
-                plan.units.len(),
-                reused,
-                todo.len(),
-                redo
-            );
-        }
-    }
+    let wp: &Plan = if me == 0 { plan } else { &*slice };
 
     // Directories: each rank makes the ones it owns, then the parents of its units' files.
     let dirs = (|| {
-        for e in 0..plan.entries.len() {
-            if plan.entries[e].kind == Kind::Dir && plan.owner(e, n) == me {
-                fsio::create_dirs(&plan.entries[e].dst)?;
+        for e in wp.held_entries() {
+            if wp.entry(e).kind == Kind::Dir && wp.owner(e, n) == me {
+                fsio::create_dirs(&wp.entry(e).dst)?;
             }
         }
-        Ok(())
-    })();
-    agree(comm, dirs)?;
-    let parents = (|| {
         let mut seen = BTreeSet::new();
-        for &u in mine {
-            let dst = &plan.entries[plan.units[u as usize].entry as usize].dst;
-            let p = fsio::parent_of(dst).to_path_buf();
+        for &u in &work.copy {
+            let p = fsio::parent_of(&wp.entry(wp.unit(u).entry as usize).dst).to_path_buf();
             if seen.insert(p.clone()) {
                 fsio::create_dirs(&p)?;
             }
         }
         Ok(())
     })();
-    agree(comm, parents)?;
+    agree(comm, dirs)?;
 
     // Copy.
     let job = CopyJob {
-        plan,
+        plan: wp,
         journal: &journal,
         stopper,
         progress,
     };
-    let copied = engine::copy_units(&job, &pool, mine);
+    let copied = engine::copy_units(&job, &pool, &work.copy);
     let copied = agree(comm, copied)?;
     let mine_bytes: u64 = copied.iter().map(|r| r.len).sum();
     let recs: Vec<(u32, u32)> = copied.iter().map(|r| (r.unit, r.crc)).collect();
-    for b in comm.allgather(&encode(&recs)?)? {
+    for b in comm.gather(0, &encode(&recs)?)? {
         for (u, c) in decode::<Vec<(u32, u32)>>(&b)? {
             crcs.insert(u, c);
         }
@@ -825,14 +942,33 @@ fn run_phases(
     // file means a rename, never a lost directory entry.
     agree(
         comm,
-        commit::sync_temp_dirs(plan, me, n).and_then(|_| failpoints::hit("copy::all_done")),
+        commit::sync_temp_dirs(wp, me, n).and_then(|_| failpoints::hit("copy::all_done")),
     )?;
 
-    // Optional read-back.
-    if run.verify || plan.verify {
-        let all: Vec<u32> = (0..plan.units.len() as u32).collect();
-        let a = plan.assign(&all, n)?;
-        let v = engine::verify_units(plan, &pool, &a[me], &crcs, stopper);
+    // Optional read-back: rank 0 sends each rank the CRCs of the units it verifies.
+    if verify {
+        let parts = if me == 0 {
+            let check = plan.assign(&(0..plan.n_units() as u32).collect::<Vec<_>>(), n);
+            check.and_then(|check| {
+                check
+                    .iter()
+                    .map(|units| {
+                        let v: Vec<(u32, u32)> = units
+                            .iter()
+                            .filter_map(|u| crcs.get(u).map(|c| (*u, *c)))
+                            .collect();
+                        encode(&v)
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+        } else {
+            Ok(Vec::new())
+        };
+        let parts = agree(comm, parts)?;
+        let mine: HashMap<u32, u32> = decode::<Vec<(u32, u32)>>(&comm.scatter(0, &parts)?)?
+            .into_iter()
+            .collect();
+        let v = engine::verify_units(wp, &pool, &work.verify, &mine, stopper);
         agree(comm, v)?;
     }
 
@@ -840,11 +976,11 @@ fn run_phases(
     sum.state = State::Prepared;
     let decided = if me == 0 {
         (|| {
-            if crcs.len() != plan.units.len() {
+            if crcs.len() != plan.n_units() {
                 return Err(Error::internal(format!(
                     "{} of {} units have no checksum before the decision",
-                    plan.units.len() - crcs.len(),
-                    plan.units.len()
+                    plan.n_units() - crcs.len(),
+                    plan.n_units()
                 )));
             }
             stopper.check_now()?;
@@ -865,9 +1001,9 @@ fn run_phases(
     sum.state = State::Committing;
 
     // Final names, then a stat of each, then directories.
-    let fin = commit::finalize_entries(plan, me, n).and_then(|_| commit::check_finals(plan, me, n));
+    let fin = commit::finalize_entries(wp, me, n).and_then(|_| commit::check_finals(wp, me, n));
     agree(comm, fin)?;
-    agree(comm, commit::finish_dirs(plan, me, n))?;
+    agree(comm, commit::finish_dirs(wp, me, n))?;
 
     // The commit record: the one proof of completion.
     let committed = if me == 0 {
@@ -878,7 +1014,7 @@ fn run_phases(
     agree(comm, committed)?;
     sum.state = State::Committed;
     if plan.delete_source {
-        sum.sources_removed = Some(delete_sources(comm, td, plan)?);
+        sum.sources_removed = Some(delete_sources(comm, td, wp)?);
     }
     Ok(())
 }
