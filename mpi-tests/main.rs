@@ -8,7 +8,6 @@
 mod util;
 
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -248,11 +247,7 @@ fn sigkill_of_any_rank_ends_the_job_and_resume_on_any_count_converges() {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn_tracked();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let id = line.trim().to_string();
+        let id = read_id(&mut child);
         let td = TransferDir::new(&state, &id);
         wait_for(DEADLINE, || ferry::status::status(&td).bytes_done > 0);
         let pid = rank_pid(&s, "OMPI_COMM_WORLD_RANK", victim).expect("rank pid");
@@ -286,14 +281,6 @@ fn an_error_on_one_rank_reaches_every_rank_and_a_resume_completes_once_fixed() {
             write_file(&s.path(&format!("n{rank}/f{f}")), 100_000, &mut r);
         }
     }
-    let victim = s.path("n2/f1");
-    let saved = fs::read(&victim).unwrap();
-    let mtime = fs::metadata(&victim).unwrap().modified().unwrap();
-    let dir_mtime = {
-        use std::os::unix::fs::MetadataExt;
-        let m = fs::metadata(s.path("n2")).unwrap();
-        (m.mtime(), m.mtime_nsec() as u32)
-    };
     let mut c = mpirun(&s, 4, &["copy", "--id", "e", "n{rank}", "out/r{rank}"]);
     c.env("FERRY_FAILPOINTS", "plan::written=pause@0");
     let mut child = c
@@ -301,7 +288,7 @@ fn an_error_on_one_rank_reaches_every_rank_and_a_resume_completes_once_fixed() {
         .stderr(Stdio::piped())
         .spawn_tracked();
     s.wait_paused(&mut child);
-    fs::remove_file(&victim).unwrap();
+    let gone = Vanished::remove(&s.path("n2/f1"));
     s.release();
     let o = wait_deadline(child, DEADLINE);
     expect_code(&o, 7);
@@ -314,14 +301,7 @@ fn an_error_on_one_rank_reaches_every_rank_and_a_resume_completes_once_fixed() {
     let st = status(&s, "e", &s.path("out/.ferry"));
     assert_eq!(st["state"], "failed");
     assert_eq!(st["error"]["rank"], 2);
-    fs::write(&victim, &saved).unwrap();
-    fs::File::options()
-        .write(true)
-        .open(&victim)
-        .unwrap()
-        .set_modified(mtime)
-        .unwrap();
-    ferry::fsio::set_times_nofollow(&s.path("n2"), dir_mtime).unwrap();
+    gone.restore();
     let o = run(&s, 4, &["resume", "e"], None);
     expect_code(&o, 0);
     for rank in 0..4 {
@@ -524,11 +504,7 @@ fn under_srun_the_same_binary_copies_and_a_dead_rank_ends_the_step() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn_tracked();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let id = line.trim().to_string();
+    let id = read_id(&mut child);
     let state = s.path("dst/.ferry");
     let td = TransferDir::new(&state, &id);
     wait_for(DEADLINE, || ferry::status::status(&td).bytes_done > 0);

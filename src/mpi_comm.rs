@@ -121,6 +121,34 @@ fn too_big(n: usize) -> Error {
     )
 }
 
+/// Counts, displacements and total for a v-collective of parts of `sizes` bytes. Open MPI
+/// refuses zero counts there (MPI_ERR_ARG), so an empty part travels as one ignored byte.
+fn layout(sizes: &[u64]) -> Result<(Vec<Count>, Vec<Count>, u64)> {
+    let total: u64 = sizes.iter().map(|&s| s.max(1)).sum();
+    if total > Count::MAX as u64 {
+        return Err(too_big(total as usize));
+    }
+    let counts: Vec<Count> = sizes.iter().map(|&s| s.max(1) as Count).collect();
+    let displs: Vec<Count> = counts
+        .iter()
+        .scan(0, |acc, &c| {
+            let d = *acc;
+            *acc += c;
+            Some(d)
+        })
+        .collect();
+    Ok((counts, displs, total))
+}
+
+/// The parts of a v-collective's receive buffer, padding dropped.
+fn unpack(buf: &[u8], sizes: &[u64], displs: &[Count]) -> Vec<Vec<u8>> {
+    sizes
+        .iter()
+        .zip(displs)
+        .map(|(&s, &d)| buf[d as usize..d as usize + s as usize].to_vec())
+        .collect()
+}
+
 impl MpiComm {
     /// End every rank of the job with `code` (for errors that leave ranks out of step).
     pub fn abort(&self, code: i32) -> ! {
@@ -147,22 +175,7 @@ impl Comm for MpiComm {
                     .immediate_all_gather_into(scope, &mine, &mut sizes[..]),
             );
         });
-        // Open MPI rejects zero-count buffers in MPI_Iallgatherv (MPI_ERR_ARG): an empty
-        // contribution travels as one ignored byte.
-        let counts: Vec<u64> = sizes.iter().map(|&s| s.max(1)).collect();
-        let total: u64 = counts.iter().sum();
-        if total > Count::MAX as u64 {
-            return Err(too_big(total as usize));
-        }
-        let counts: Vec<Count> = counts.iter().map(|&c| c as Count).collect();
-        let displs: Vec<Count> = counts
-            .iter()
-            .scan(0, |acc, &c| {
-                let d = *acc;
-                *acc += c;
-                Some(d)
-            })
-            .collect();
+        let (counts, displs, total) = layout(&sizes)?;
         let pad = [0u8];
         let send: &[u8] = if data.is_empty() { &pad } else { data };
         let mut buf = vec![0u8; total as usize];
@@ -175,12 +188,7 @@ impl Comm for MpiComm {
                 );
             });
         }
-        let mut out = Vec::with_capacity(n);
-        for r in 0..n {
-            let d = displs[r] as usize;
-            out.push(buf[d..d + sizes[r] as usize].to_vec());
-        }
-        Ok(out)
+        Ok(unpack(&buf, &sizes, &displs))
     }
 
     fn broadcast(&self, root: usize, data: &[u8]) -> Result<Vec<u8>> {
@@ -230,20 +238,7 @@ impl Comm for MpiComm {
         mpi::request::scope(|scope| {
             wait_polled(proc.immediate_gather_into_root(scope, &mine, &mut sizes[..]));
         });
-        let counts: Vec<u64> = sizes.iter().map(|&s| s.max(1)).collect();
-        let total: u64 = counts.iter().sum();
-        if total > Count::MAX as u64 {
-            return Err(too_big(total as usize));
-        }
-        let counts: Vec<Count> = counts.iter().map(|&c| c as Count).collect();
-        let displs: Vec<Count> = counts
-            .iter()
-            .scan(0, |acc, &c| {
-                let d = *acc;
-                *acc += c;
-                Some(d)
-            })
-            .collect();
+        let (counts, displs, total) = layout(&sizes)?;
         let mut buf = vec![0u8; total as usize];
         {
             let mut part = PartitionMut::new(&mut buf[..], &counts[..], &displs[..]);
@@ -251,12 +246,7 @@ impl Comm for MpiComm {
                 wait_polled(proc.immediate_gather_varcount_into_root(scope, send, &mut part));
             });
         }
-        Ok((0..n)
-            .map(|r| {
-                let d = displs[r] as usize;
-                buf[d..d + sizes[r] as usize].to_vec()
-            })
-            .collect())
+        Ok(unpack(&buf, &sizes, &displs))
     }
 
     fn scatter(&self, root: usize, parts: &[Vec<u8>]) -> Result<Vec<u8>> {

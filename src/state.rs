@@ -298,7 +298,11 @@ pub struct Lock {
 }
 
 fn open_lock(td: &TransferDir) -> Result<File> {
-    let p = td.file(names::LOCK);
+    open_lock_file(&td.file(names::LOCK))
+}
+
+/// Open (creating, private, never through a symlink) a file that is only ever locked.
+fn open_lock_file(p: &Path) -> Result<File> {
     OpenOptions::new()
         .read(true)
         .write(true)
@@ -306,8 +310,8 @@ fn open_lock(td: &TransferDir) -> Result<File> {
         .truncate(false)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
-        .open(&p)
-        .ctx("open", &p)
+        .open(p)
+        .ctx("open", p)
 }
 
 impl Lock {
@@ -408,15 +412,7 @@ impl Member {
     /// Join the run of `td` (blocks only while a new run checks for stragglers).
     pub fn join(td: &TransferDir) -> Result<Member> {
         let p = td.file(names::MEMBERS);
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&p)
-            .ctx("open", &p)?;
+        let f = open_lock_file(&p)?;
         f.lock_shared().ctx("lock", &p)?;
         Ok(Member { _file: f })
     }

@@ -2,7 +2,6 @@
 //! identical, no final name ever holds a partial file, no commit record appears before every byte
 //! is durable, and a resume re-copies only what was not journaled.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -35,12 +34,7 @@ fn run_and_kill(s: &Scratch, args: &[&str], state: &Path, target: u64) -> (Strin
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn_tracked();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let id = line.trim().to_string();
-    assert!(!id.is_empty(), "no transfer id printed");
+    let id = read_id(&mut child);
     let td = TransferDir::new(state, &id);
     let mut finished = false;
     wait_for(Duration::from_secs(120), || {

@@ -89,15 +89,7 @@ fn status_tells_the_truth_at_every_stage() {
     assert!(st["live"].is_null());
 
     // failed, with its class: a planned source disappears.
-    let victim = src.join("d1/f4");
-    let saved = fs::read(&victim).unwrap();
-    let mtime = fs::metadata(&victim).unwrap().modified().unwrap();
-    let dir_md = fs::metadata(src.join("d1")).unwrap();
-    let dir_mtime = {
-        use std::os::unix::fs::MetadataExt;
-        (dir_md.mtime(), dir_md.mtime_nsec() as u32)
-    };
-    fs::remove_file(&victim).unwrap();
+    let gone = Vanished::remove(&src.join("d1/f4"));
     let o = s.run(&["resume", "t"]);
     expect_code(&o, 7);
     assert!(stderr(&o).contains("d1/f4"), "{}", stderr(&o));
@@ -109,14 +101,7 @@ fn status_tells_the_truth_at_every_stage() {
     assert!(!state.join("t/commit").exists());
 
     // The cause fixed, a resume commits.
-    fs::write(&victim, &saved).unwrap();
-    fs::File::options()
-        .write(true)
-        .open(&victim)
-        .unwrap()
-        .set_modified(mtime)
-        .unwrap();
-    ferry::fsio::set_times_nofollow(&src.join("d1"), dir_mtime).unwrap();
+    gone.restore();
     let o = s.run(&["resume", "t"]);
     expect_code(&o, 0);
     let st = status(&s, "t", &state);

@@ -423,3 +423,50 @@ impl SpawnTracked for Command {
         child
     }
 }
+
+/// Read the first line a spawned ferry prints (the transfer id).
+pub fn read_id(child: &mut Child) -> String {
+    use std::io::{BufRead, BufReader};
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout piped"))
+        .read_line(&mut line)
+        .unwrap();
+    let id = line.trim().to_string();
+    assert!(!id.is_empty(), "no transfer id printed");
+    id
+}
+
+/// A source file taken away and put back as it was (content, mtime, and its directory's mtime),
+/// the way a user restores a file a transfer could not find.
+pub struct Vanished {
+    path: PathBuf,
+    data: Vec<u8>,
+    mtime: std::time::SystemTime,
+    dir_mtime: (i64, u32),
+}
+
+impl Vanished {
+    pub fn remove(path: &Path) -> Vanished {
+        let dir = path.parent().unwrap();
+        let d = fs::metadata(dir).unwrap();
+        let v = Vanished {
+            path: path.to_path_buf(),
+            data: fs::read(path).unwrap(),
+            mtime: fs::metadata(path).unwrap().modified().unwrap(),
+            dir_mtime: (d.mtime(), d.mtime_nsec() as u32),
+        };
+        fs::remove_file(path).unwrap();
+        v
+    }
+
+    pub fn restore(self) {
+        fs::write(&self.path, &self.data).unwrap();
+        fs::File::options()
+            .write(true)
+            .open(&self.path)
+            .unwrap()
+            .set_modified(self.mtime)
+            .unwrap();
+        ferry::fsio::set_times_nofollow(self.path.parent().unwrap(), self.dir_mtime).unwrap();
+    }
+}
