@@ -72,13 +72,16 @@ start_munge() {
   fi
   if ! [ -S "$DIR/munge/munge.socket.2" ] || ! kill -0 "$(cat "$DIR/munge/munged.pid" 2>/dev/null || echo 0)" 2>/dev/null; then
     munged --force --key-file="$DIR/munge/munge.key" --socket="$DIR/munge/munge.socket.2" \
-      --pid-file="$DIR/munge/munged.pid" --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/seed"
+      --pid-file="$DIR/munge/munged.pid" --log-file="$DIR/log/munged.log" \
+      --seed-file="$DIR/munge/seed" </dev/null >/dev/null 2>&1
   fi
 }
 
 wait_idle() {
   for _ in $(seq 1 100); do
-    if SLURM_CONF=$CONF sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then return 0; fi
+    if SLURM_CONF=$CONF timeout 5 sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
+      return 0
+    fi
     sleep 0.1
   done
   echo "slurm-cluster: the node did not come up; see $DIR/log" >&2
@@ -89,21 +92,30 @@ wait_idle() {
 case "${1:-}" in
   start)
     need
+    # A cluster of this directory left running is replaced, not doubled.
+    "$0" stop >/dev/null 2>&1 || true
     write_conf
     start_munge
-    pidof slurmctld >/dev/null 2>&1 && "$0" stop >/dev/null 2>&1 || true
-    SLURM_CONF=$CONF slurmctld -f "$CONF" -i
-    SLURM_CONF=$CONF slurmd -f "$CONF" -N localhost
+    # The daemons must not keep this script's stdout: callers read it with $(...).
+    SLURM_CONF=$CONF slurmctld -f "$CONF" -i </dev/null >/dev/null 2>&1
+    SLURM_CONF=$CONF slurmd -f "$CONF" -N localhost </dev/null >/dev/null 2>&1
     wait_idle
     echo "export SLURM_CONF=$CONF"
     ;;
   stop)
-    for p in slurmd slurmctld; do
-      pid=$(cat "$DIR/run/$p.pid" 2>/dev/null || true)
-      [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+    pids=""
+    for f in "$DIR/run/slurmd.pid" "$DIR/run/slurmctld.pid" "$DIR/munge/munged.pid"; do
+      pid=$(cat "$f" 2>/dev/null || true)
+      if [ -n "$pid" ] && kill "$pid" 2>/dev/null; then pids="$pids $pid"; fi
+      rm -f "$f"
     done
-    pid=$(cat "$DIR/munge/munged.pid" 2>/dev/null || true)
-    [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+    # Wait for them to go, so a start right after finds the ports free.
+    for _ in $(seq 1 50); do
+      alive=""
+      for pid in $pids; do kill -0 "$pid" 2>/dev/null && alive=1; done
+      [ -z "$alive" ] && break
+      sleep 0.1
+    done
     ;;
   env) echo "export SLURM_CONF=$CONF" ;;
   *) echo "usage: $0 start|stop|env" >&2; exit 2 ;;
