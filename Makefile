@@ -5,7 +5,7 @@ CARGO ?= cargo
 # Integration tests copy GiBs; keep their scratch space on the same disk as the checkout.
 export FERRY_TEST_TMP ?= $(CARGO_TARGET_DIR)/test-tmp
 
-.PHONY: all deps build release test lint unit demo clean
+.PHONY: all deps build release test lint unit demo clean crash-matrix
 
 all: build
 
@@ -25,14 +25,25 @@ lint: deps
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --quiet
 
 # Every test: unit tests, the integration suite (real binary, in-process ranks, SIGKILL and
-# failpoint crashes) and mpi-tests/ (the real binary under mpirun -n 1..8). One build with the
+# failpoint crashes), mpi-tests/ (the real binary under mpirun -n 1..8 and srun) and the PR tier
+# of the crash matrix. One build with the
 # failpoints feature serves all of them. A one-node Slurm cluster (scripts/slurm-cluster.sh) runs
 # for the srun tests and is stopped afterwards.
 test: deps lint
 	mkdir -p $(FERRY_TEST_TMP)
 	set -e; eval "$$(bash scripts/slurm-cluster.sh start)"; \
 	  trap 'bash scripts/slurm-cluster.sh stop' EXIT; \
-	  FERRY_REQUIRE_SLURM=1 $(CARGO) test --features failpoints -- --test-threads 2
+	  FERRY_REQUIRE_SLURM=1 $(CARGO) test --features failpoints --lib --bins \
+	    --test it --test mpi -- --test-threads 2
+	$(CARGO) test --features failpoints --test crash_matrix -- --nocapture
+	rm -rf $(FERRY_TEST_TMP)
+
+# Every failpoint x hit (first, middle, last) x victim rank x action (exit, EIO, ENOSPC, EACCES,
+# panic), on 1 and 4 in-process ranks and a subset under mpirun -n 4; one JSON line per cell in
+# target/crash-matrix.jsonl, and the line `cells: N, survived: S, safe-fail: F, violations: V`.
+crash-matrix: deps
+	mkdir -p $(FERRY_TEST_TMP)
+	FERRY_CRASH_TIER=full $(CARGO) test --features failpoints --test crash_matrix -- --nocapture
 	rm -rf $(FERRY_TEST_TMP)
 
 demo: release

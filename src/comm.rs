@@ -87,12 +87,14 @@ fn decode_u64(b: &[u8]) -> u64 {
 /// every rank returns the error of the lowest failing rank (tagged with that rank), so all ranks
 /// exit with the same class and message.
 pub fn agree<T>(comm: &dyn Comm, local: Result<T>) -> Result<T> {
+    let local = local.and_then(|v| crate::failpoints::hit("comm::before_agree").map(|_| v));
     let mine = match &local {
         Ok(_) => Vec::new(),
         Err(e) => serde_json::to_vec(&e.clone().on_rank(comm.rank()))
             .map_err(|e| Error::internal(format!("encode error: {e}")))?,
     };
     let all = comm.allgather(&mine)?;
+    crate::failpoints::hit("comm::after_agree")?;
     for bytes in &all {
         if !bytes.is_empty() {
             let e: Error = serde_json::from_slice(bytes)

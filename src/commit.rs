@@ -211,6 +211,7 @@ pub fn delete_source_dirs(plan: &Plan, me: usize, n: usize) -> Result<Vec<PathBu
     let mine: Vec<usize> = owned(plan, me, n, Kind::Dir).collect();
     for &e in mine.iter().rev() {
         let src = &plan.entry(e).src;
+        failpoints::io("delete::dir", src)?;
         match fs::remove_dir(src) {
             Ok(()) => match fsio::fsync_dir(fsio::parent_of(src)) {
                 Err(e) if e.class == crate::ErrorClass::NotFound => {}

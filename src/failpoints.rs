@@ -25,6 +25,38 @@ use crate::error::Result;
 /// The exit code of the `exit` action (distinct from every ferry exit code).
 pub const EXIT_CODE: i32 = 99;
 
+/// Every failpoint in the engine, in the order a run meets them. A test keeps this list, the
+/// source and docs/failure-analysis.md in step.
+pub const DECLARED: &[&str] = &[
+    "plan::walked",
+    "plan::written",
+    "comm::before_agree",
+    "comm::after_agree",
+    "journal::append",
+    "journal::written",
+    "journal::synced",
+    "copy::unit_start",
+    "copy::unit_written",
+    "copy::unit_synced",
+    "copy::all_done",
+    "commit::before_decision",
+    "commit::decision_written",
+    "commit::file_finished",
+    "commit::renamed",
+    "commit::dirs_synced",
+    "commit::before_record",
+    "commit::record_written",
+    "delete::source",
+    "delete::dir",
+    "delete::recorded",
+    "cancel::temps_removed",
+    "forget::start",
+    "fsio::sync_data",
+    "fsio::sync_all",
+    "fsio::fsync_dir",
+    "fsio::rename",
+];
+
 /// Pass a failpoint that is not tied to a path.
 #[inline]
 pub fn hit(name: &str) -> Result<()> {
@@ -173,6 +205,7 @@ mod imp {
             }
             Action::Panic => panic!("failpoint {name}: panic on rank {rank}, hit {n}"),
             Action::Error(errno) => {
+                eprintln!("failpoint {name}: error {errno} on rank {rank}, hit {n}");
                 let p = path.unwrap_or(Path::new(name));
                 Err(Error::io(name, p, io::Error::from_raw_os_error(errno)))
             }
@@ -193,5 +226,61 @@ mod imp {
             assert!(matches!(p[1].action, Action::Error(libc::ENOSPC)));
             assert!(matches!(p[2].action, Action::Panic));
         }
+    }
+}
+
+#[cfg(test)]
+mod declared {
+    use super::DECLARED;
+    use std::collections::BTreeSet;
+
+    fn named_in_source() -> BTreeSet<String> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut out = BTreeSet::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let text = std::fs::read_to_string(e.unwrap().path()).unwrap_or_default();
+            for pat in ["failpoints::hit(\"", "failpoints::io(\""] {
+                for (at, _) in text.match_indices(pat) {
+                    let rest = &text[at + pat.len()..];
+                    if let Some(end) = rest.find('"') {
+                        out.insert(rest[..end].to_string());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_failpoint_in_the_source_is_declared_and_every_declared_one_exists() {
+        let src = named_in_source();
+        let decl: BTreeSet<String> = DECLARED.iter().map(|s| s.to_string()).collect();
+        assert_eq!(src, decl);
+    }
+
+    #[test]
+    fn the_failure_analysis_covers_every_failpoint_and_names_no_other() {
+        let doc = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/failure-analysis.md"),
+        )
+        .unwrap();
+        let mut named = BTreeSet::new();
+        for line in doc.lines() {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            // Rows of the crash-point tables: | number | ... (`phase::step`) ... |
+            if cells.len() > 2
+                && cells[1].chars().all(|c| c.is_ascii_digit())
+                && !cells[1].is_empty()
+            {
+                for tok in cells[2].split('`').skip(1).step_by(2) {
+                    named.insert(tok.to_string());
+                }
+            }
+        }
+        let decl: BTreeSet<String> = DECLARED.iter().map(|s| s.to_string()).collect();
+        assert_eq!(
+            named, decl,
+            "docs/failure-analysis.md rows vs failpoints::DECLARED"
+        );
     }
 }

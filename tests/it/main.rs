@@ -1,13 +1,14 @@
 //! ferry's integration tests: one binary, with the tree generator and the tree oracle in `util`.
 //! Multi-rank cases run as threads in this process (library) or as `ferry --ranks N` (CLI);
-//! crash cases kill the real binary or trip its failpoints (feature `failpoints`).
+//! crash cases kill the real binary or trip its failpoints (feature `failpoints`). The crash
+//! matrix over every failpoint is its own binary (`crash-matrix/`).
 
 mod util;
 
 mod bad_input;
 mod copy;
 #[cfg(feature = "failpoints")]
-mod crash;
+mod corruption;
 mod kill;
 mod layouts;
 #[cfg(feature = "failpoints")]

@@ -336,14 +336,15 @@ pub fn status(s: &Scratch, id: &str, state_dir: &Path) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
-/// Every file at a final name in `dst` (ignoring ferry's temporaries and state) is either absent
-/// or complete and byte-identical to its source in `src`: invariant 2.
-pub fn assert_no_torn_finals(src: &Path, dst: &Path) {
-    fn walk(src: &Path, dst: &Path, rel: &Path) {
-        let d = dst.join(rel);
-        let Ok(rd) = fs::read_dir(&d) else { return };
+/// Files at a final name in `dst` (ignoring ferry's temporaries and state) that are not complete
+/// and byte-identical to their source in `src`: invariant 2 says there are none.
+pub fn torn_finals(src: &Path, dst: &Path) -> Vec<String> {
+    fn walk(src: &Path, dst: &Path, rel: &Path, out: &mut Vec<String>) {
+        let Ok(rd) = fs::read_dir(dst.join(rel)) else {
+            return;
+        };
         for e in rd {
-            let e = e.unwrap();
+            let Ok(e) = e else { continue };
             let name = e.file_name();
             let nb = name.as_bytes();
             if rel.as_os_str().is_empty() && nb == b".ferry" {
@@ -353,23 +354,35 @@ pub fn assert_no_torn_finals(src: &Path, dst: &Path) {
                 continue;
             }
             let r = rel.join(&name);
-            let md = fs::symlink_metadata(dst.join(&r)).unwrap();
+            let Ok(md) = fs::symlink_metadata(dst.join(&r)) else {
+                continue;
+            };
             if md.is_dir() {
-                walk(src, dst, &r);
+                walk(src, dst, &r, out);
             } else if md.is_file() {
-                let want = fs::read(src.join(&r)).unwrap();
-                let got = fs::read(dst.join(&r)).unwrap();
-                assert!(
-                    want == got,
-                    "torn or wrong file at a final name: {} ({} of {} bytes)",
-                    r.display(),
-                    got.len(),
-                    want.len()
-                );
+                let want = fs::read(src.join(&r)).unwrap_or_default();
+                let got = fs::read(dst.join(&r)).unwrap_or_default();
+                if want != got {
+                    out.push(format!(
+                        "torn or wrong file at a final name: {} ({} of {} bytes)",
+                        r.display(),
+                        got.len(),
+                        want.len()
+                    ));
+                }
             }
         }
     }
-    walk(src, dst, Path::new(""));
+    let mut out = Vec::new();
+    walk(src, dst, Path::new(""), &mut out);
+    out
+}
+
+/// Invariant 2, asserted.
+#[track_caller]
+pub fn assert_no_torn_finals(src: &Path, dst: &Path) {
+    let t = torn_finals(src, dst);
+    assert!(t.is_empty(), "{}", t.join("\n"));
 }
 
 /// Temporary files ferry left in a tree.
