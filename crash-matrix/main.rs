@@ -51,6 +51,16 @@ impl Launch {
 }
 
 fn ferry(s: &Scratch, launch: Launch, args: &[&str], fp: Option<&str>) -> Output {
+    ferry_env(s, launch, args, fp, &[])
+}
+
+fn ferry_env(
+    s: &Scratch,
+    launch: Launch,
+    args: &[&str],
+    fp: Option<&str>,
+    env: &[(&str, &Path)],
+) -> Output {
     let mut c = match launch {
         Launch::Threads(n) => {
             let mut c = s.ferry();
@@ -73,6 +83,9 @@ fn ferry(s: &Scratch, launch: Launch, args: &[&str], fp: Option<&str>) -> Output
         }
     };
     c.env("FERRY_FAILPOINTS_LIST", "1");
+    for (k, v) in env {
+        c.env(k, v);
+    }
     if let Some(fp) = fp {
         c.env("FERRY_FAILPOINTS", fp);
     }
@@ -142,12 +155,15 @@ struct Tally {
     safe_fail: usize,
     violations: usize,
     fired: usize,
+    powerloss: usize,
     recopied: u64,
     total: u64,
 }
 
 /// What one cell found.
 struct Found {
+    /// Paths a simulated power loss dropped, restored or reverted.
+    lost: usize,
     outcome: &'static str,
     detail: String,
     fired: bool,
@@ -180,13 +196,30 @@ fn run_cell(s: &Scratch, reference: &Path, cell: &Cell, n: usize) -> Found {
     let mut args: Vec<&str> = args.to_vec();
     let dst_s = dst.to_str().unwrap().to_string();
     args.push(&dst_s);
-    let o = ferry(s, cell.launch, &args, Some(&fp));
+    // A power-loss cell: the crashed process leaves a model of what was durable, and the disk is
+    // rewritten to it before anything is checked.
+    let powerloss = cell.action == "powerloss";
+    let root = s.dir.path();
+    let env: &[(&str, &Path)] = if powerloss {
+        &[("FERRY_POWERLOSS_ROOT", root)]
+    } else {
+        &[]
+    };
+    let o = ferry_env(s, cell.launch, &args, Some(&fp), env);
     let code = o.status.code().unwrap_or(-1);
     let err = String::from_utf8_lossy(&o.stderr).to_string();
+    let mut problems = Vec::new();
+    let mut lost = 0;
+    if powerloss && code == ferry::failpoints::EXIT_CODE {
+        match ferry::powerloss::apply(root) {
+            Ok(changes) => lost = changes.len(),
+            Err(e) => problems.push(format!("power-loss model could not be applied: {e}")),
+        }
+    }
+    ferry::powerloss::clear(root);
     let fired = err.contains(&format!("failpoint {}: ", cell.point));
     let crashed = code == ferry::failpoints::EXIT_CODE || err.contains("panic");
     let clear_error = (2..=8).contains(&code) || code == 1 && err.contains("panic");
-    let mut problems = Vec::new();
 
     // Invariants on the disk exactly as the crash left it.
     let committed = state.join(&id).join("commit").exists();
@@ -259,6 +292,7 @@ fn run_cell(s: &Scratch, reference: &Path, cell: &Cell, n: usize) -> Found {
     };
     let _ = fs::remove_dir_all(&dst);
     Found {
+        lost,
         outcome,
         detail: problems.join("; "),
         fired,
@@ -283,9 +317,10 @@ fn crash_matrix() {
     make_sources(&reference);
 
     let actions: &[&'static str] = match tier {
-        Tier::Pr => &["exit", "error(EIO)", "panic"],
+        Tier::Pr => &["exit", "powerloss", "error(EIO)", "panic"],
         Tier::Full => &[
             "exit",
+            "powerloss",
             "error(EIO)",
             "error(ENOSPC)",
             "error(EACCES)",
@@ -361,6 +396,7 @@ fn crash_matrix() {
                             resume_ranks: if n % 2 == 0 { ranks } else { other },
                         };
                         let Found {
+                            lost,
                             outcome,
                             detail,
                             fired,
@@ -369,6 +405,7 @@ fn crash_matrix() {
                         } = run_cell(&s, &reference, &cell, n);
                         tally.cells += 1;
                         tally.fired += fired as usize;
+                        tally.powerloss += (*action == "powerloss") as usize;
                         match outcome {
                             "survived" => tally.survived += 1,
                             "safe-fail" => tally.safe_fail += 1,
@@ -379,7 +416,7 @@ fn crash_matrix() {
                         let line = serde_json::json!({
                             "point": cell.point, "action": cell.action, "launch": launch.name(),
                             "victim": cell.victim, "hit": cell.hit, "of": hits,
-                            "resume_ranks": cell.resume_ranks, "outcome": outcome, "fired": fired,
+                            "resume_ranks": cell.resume_ranks, "outcome": outcome, "fired": fired, "power_loss_changes": lost,
                             "recopied": recopied, "total": total, "detail": detail,
                         });
                         writeln!(out, "{line}").unwrap();
@@ -396,11 +433,12 @@ fn crash_matrix() {
     println!(
         "tier {}: failpoints passed by a copy-and-resume {hit_points}/{declared} (cancel::temps_removed \
          and forget::start have their own tests); failpoint fired in {} of {} cells (the rest: a \
-         later hit than that run reached); resumes re-copied {:.1}% of the bytes they planned; \
+         later hit than that run reached); {} power-loss cells; resumes re-copied {:.1}% of the bytes they planned; \
          {:.0} s; cells in {}",
         if tier == Tier::Full { "full" } else { "pr" },
         tally.fired,
         tally.cells,
+        tally.powerloss,
         100.0 * tally.recopied as f64 / tally.total.max(1) as f64,
         t0.elapsed().as_secs_f64(),
         out_path.display()

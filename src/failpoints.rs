@@ -9,7 +9,8 @@
 //!
 //! Each item is `name=action[@rank][#nth]`: `action` is `exit` (leave the process at once without
 //! unwinding or flushing, what SIGKILL does), `panic`, `error(ERRNO)` with ERRNO one of `EIO`,
-//! `ENOSPC`, `EACCES`, or `pause` (create `$FERRY_FAILPOINTS_GATE.paused`, then wait until the
+//! `ENOSPC`, `EACCES`, `powerloss` (as `exit`, after recording what a power loss would keep:
+//! see the `powerloss` module), or `pause` (create `$FERRY_FAILPOINTS_GATE.paused`, then wait until the
 //! file `$FERRY_FAILPOINTS_GATE` exists, and remove it: tests use it to look at, or tamper with, a run at an
 //! exact point), or `delay(MS)` (sleep MS milliseconds on this and every later hit: slows a
 //! run down so a test can kill it mid-copy); `@rank` limits it to one rank; `#nth` fires on the nth hit on that rank
@@ -89,6 +90,7 @@ mod imp {
 
     #[derive(Debug)]
     enum Action {
+        PowerLoss,
         Delay(u64),
         Pause,
         Exit,
@@ -120,6 +122,7 @@ mod imp {
                 let action = match act {
                     "exit" => Action::Exit,
                     "pause" => Action::Pause,
+                    "powerloss" => Action::PowerLoss,
                     a if a.starts_with("delay(") && a.ends_with(')') => {
                         Action::Delay(a[6..a.len() - 1].parse().ok()?)
                     }
@@ -147,11 +150,18 @@ mod imp {
 
     fn registry() -> &'static Registry {
         static R: OnceLock<Registry> = OnceLock::new();
-        R.get_or_init(|| Registry {
+        R.get_or_init(|| {
+            crate::powerloss::start_if_configured();
+            new_registry()
+        })
+    }
+
+    fn new_registry() -> Registry {
+        Registry {
             points: parse(&std::env::var("FERRY_FAILPOINTS").unwrap_or_default()),
             list: std::env::var_os("FERRY_FAILPOINTS_LIST").is_some(),
             hits: Mutex::new(HashMap::new()),
-        })
+        }
     }
 
     pub fn hit(name: &str, path: Option<&Path>) -> Result<()> {
@@ -183,6 +193,12 @@ mod imp {
             return Ok(());
         }
         match p.action {
+            Action::PowerLoss => {
+                eprintln!("failpoint {name}: power loss on rank {rank}, hit {n}");
+                crate::powerloss::dump();
+                // SAFETY: as for `exit`: the process ends here, nothing flushed.
+                unsafe { libc::_exit(EXIT_CODE) }
+            }
             Action::Delay(_) => Ok(()),
             Action::Pause => {
                 let gate = std::env::var_os("FERRY_FAILPOINTS_GATE")

@@ -24,20 +24,29 @@ static SEQ: AtomicU64 = AtomicU64::new(0);
 /// Make a file's data (and its size) durable.
 pub fn sync_data(f: &File, path: &Path) -> Result<()> {
     failpoints::io("fsio::sync_data", path)?;
-    f.sync_data().ctx("fsync", path)
+    f.sync_data().ctx("fsync", path)?;
+    #[cfg(feature = "failpoints")]
+    crate::powerloss::file_synced(path);
+    Ok(())
 }
 
 /// Make a file's data and metadata (mode, times) durable.
 pub fn sync_all(f: &File, path: &Path) -> Result<()> {
     failpoints::io("fsio::sync_all", path)?;
-    f.sync_all().ctx("fsync", path)
+    f.sync_all().ctx("fsync", path)?;
+    #[cfg(feature = "failpoints")]
+    crate::powerloss::file_synced(path);
+    Ok(())
 }
 
 /// Make a directory's entries durable (new names, renames, removals inside it).
 pub fn fsync_dir(dir: &Path) -> Result<()> {
     failpoints::io("fsio::fsync_dir", dir)?;
     let d = File::open(dir).ctx("open-dir", dir)?;
-    d.sync_all().ctx("fsync-dir", dir)
+    d.sync_all().ctx("fsync-dir", dir)?;
+    #[cfg(feature = "failpoints")]
+    crate::powerloss::dir_synced(dir);
+    Ok(())
 }
 
 /// Rename `from` to `to` (atomic on POSIX). The caller fsyncs the parent directory, in a batch.
@@ -181,6 +190,8 @@ pub fn open_temp(path: &Path) -> Result<(File, bool)> {
 /// Remove a file or symlink; a missing one is not an error. Returns whether something was removed.
 /// The caller fsyncs the parent directory when the removal must be durable.
 pub fn remove_file(path: &Path) -> Result<bool> {
+    #[cfg(feature = "failpoints")]
+    crate::powerloss::before_unlink(path);
     match fs::remove_file(path) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),

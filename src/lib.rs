@@ -33,6 +33,8 @@ pub mod manifest;
 pub mod mpi_comm;
 pub mod pathser;
 pub mod plan;
+#[cfg(feature = "failpoints")]
+pub mod powerloss;
 pub mod size;
 pub mod state;
 pub mod status;
