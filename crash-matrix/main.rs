@@ -6,7 +6,9 @@
 //!
 //! `FERRY_CRASH_TIER=pr` (the default, run by `make test`) takes the first and last hit, the
 //! first and last rank, and the actions exit, EIO and panic; `full` (`make crash-matrix`) takes
-//! everything. `FERRY_CRASH_OUT` names the JSON-lines file (default: target/crash-matrix.jsonl).
+//! everything. `FERRY_CRASH_OUT` names the JSON-lines file (default: target/crash-matrix.jsonl);
+//! `FERRY_CRASH_ONLY=point=action@victim#hit/launch` (e.g. `copy::unit_synced=exit@0#1/threads-4`)
+//! runs that one cell.
 
 #[path = "../tests/it/util.rs"]
 mod util;
@@ -137,6 +139,17 @@ fn cp_a(from: &Path, to: &Path) {
         .unwrap()
         .success();
     assert!(ok, "cp -a {} {}", from.display(), to.display());
+}
+
+fn walk_names(d: &Path, out: &mut Vec<String>) {
+    if let Ok(rd) = fs::read_dir(d) {
+        for e in rd.flatten() {
+            out.push(e.path().display().to_string());
+            if e.path().is_dir() {
+                walk_names(&e.path(), out);
+            }
+        }
+    }
 }
 
 struct Cell {
@@ -275,7 +288,9 @@ fn run_cell(s: &Scratch, reference: &Path, cell: &Cell, n: usize) -> Found {
                 .map(|d| format!("after resume: {d}")),
         );
         if src.exists() {
-            problems.push("after resume: sources not removed".into());
+            let mut left = Vec::new();
+            walk_names(&src, &mut left);
+            problems.push(format!("after resume: sources not removed: {left:?}"));
         }
         if !temps_in(&dst).is_empty() {
             problems.push("after resume: temporaries left".into());
@@ -377,6 +392,12 @@ fn crash_matrix() {
                 if tier == Tier::Full {
                     which.push(hits.div_ceil(2));
                 }
+                if let Some(h) = std::env::var("FERRY_CRASH_ONLY")
+                    .ok()
+                    .and_then(|o| o.split('#').nth(1)?.split('/').next()?.parse().ok())
+                {
+                    which = vec![h];
+                }
                 which.sort();
                 which.dedup();
                 for (k, &hit) in which.iter().enumerate() {
@@ -384,6 +405,13 @@ fn crash_matrix() {
                         // Under MPI a representative subset: the exit action, first hit.
                         if matches!(launch, Launch::Mpi(_)) && (*action != "exit" || k > 0) {
                             continue;
+                        }
+                        // FERRY_CRASH_ONLY=point=action@victim#hit/launch runs one cell (debugging).
+                        if let Ok(only) = std::env::var("FERRY_CRASH_ONLY") {
+                            let this = format!("{point}={action}@{victim}#{hit}/{}", launch.name());
+                            if only != this {
+                                continue;
+                            }
                         }
                         n += 1;
                         let other = if ranks == 1 { 2 } else { 1 };
