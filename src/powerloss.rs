@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 enum Node {
     File { ino: u64 },
     Dir,
-    Link { target: String },
+    Link { ino: u64, target: String },
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -45,6 +45,7 @@ fn node_of(p: &Path) -> Option<Node> {
     let md = fs::symlink_metadata(p).ok()?;
     Some(if md.file_type().is_symlink() {
         Node::Link {
+            ino: md.ino(),
             target: key(&fs::read_link(p).ok()?),
         }
     } else if md.is_dir() {
@@ -181,7 +182,7 @@ pub fn before_unlink(path: &Path) {
     let Ok(md) = fs::symlink_metadata(path) else {
         return;
     };
-    if !md.is_file() {
+    if md.is_dir() {
         return;
     }
     if let Ok(root) = crate::pathser::decode(&m.root) {
@@ -231,7 +232,7 @@ pub fn apply(root: &Path) -> Result<Vec<String>, String> {
     walk(&stash, &mut stashed);
     for p in real.iter().chain(stashed.iter()) {
         if let Ok(md) = fs::symlink_metadata(p) {
-            if md.is_file() {
+            if !md.is_dir() {
                 by_ino.entry(md.ino()).or_insert_with(|| p.clone());
             }
         }
@@ -261,10 +262,14 @@ pub fn apply(root: &Path) -> Result<Vec<String>, String> {
                     fs::create_dir(&p).map_err(|e| err(&p, e))?;
                 }
             }
-            Node::Link { target } => {
-                std::os::unix::fs::symlink(crate::pathser::decode(target)?, &p)
-                    .map_err(|e| err(&p, e))?;
-            }
+            // A symlink, like a file, comes back with its own inode when it is still reachable.
+            Node::Link { ino, target } => match by_ino.get(ino) {
+                Some(from) if fs::symlink_metadata(from).is_ok() => {
+                    fs::hard_link(from, &p).map_err(|e| err(&p, e))?
+                }
+                _ => std::os::unix::fs::symlink(crate::pathser::decode(target)?, &p)
+                    .map_err(|e| err(&p, e))?,
+            },
             Node::File { ino } => match by_ino.get(ino) {
                 Some(from) if fs::symlink_metadata(from).is_ok() => {
                     fs::hard_link(from, &p).map_err(|e| err(&p, e))?
@@ -324,6 +329,8 @@ mod tests {
         fs::create_dir(&root).unwrap();
         fs::write(root.join("old"), b"before the run").unwrap();
         let old_ino = fs::metadata(root.join("old")).unwrap().ino();
+        std::os::unix::fs::symlink("old", root.join("ln")).unwrap();
+        let ln_ino = fs::symlink_metadata(root.join("ln")).unwrap().ino();
         start(&root);
 
         // Its name made durable, its bytes never synced: zeros of the same length.
@@ -340,6 +347,7 @@ mod tests {
         fsio::rename(&root.join("kept"), &root.join("renamed")).unwrap();
         // Unlinked without a directory fsync: back, same inode.
         fsio::remove_file(&root.join("old")).unwrap();
+        fsio::remove_file(&root.join("ln")).unwrap();
         dump();
         let changes = apply(&root).unwrap();
         assert!(changes.len() >= 4, "{changes:?}");
@@ -350,6 +358,7 @@ mod tests {
         assert_eq!(fs::read(root.join("kept")).unwrap(), b"synced");
         assert_eq!(fs::read(root.join("old")).unwrap(), b"before the run");
         assert_eq!(fs::metadata(root.join("old")).unwrap().ino(), old_ino);
+        assert_eq!(fs::symlink_metadata(root.join("ln")).unwrap().ino(), ln_ino);
         *MODEL.lock().unwrap() = None;
         clear(&root);
     }
