@@ -1,7 +1,7 @@
 //! The crash matrix: every failpoint × hit (first, middle, last) × victim rank × action, on 1 and
 //! 4 in-process ranks and a subset under `mpirun -n 4`. Each cell runs a copy that the failpoint
-//! stops, checks invariants 1–3 on the disk as the crash left it, resumes (alternately on the same
-//! and on another rank count), checks invariants 1–4, and ends `survived`, `safe-fail` or
+//! stops, checks invariants 1–3 on the disk as the crash left it, resumes from that disk twice
+//! (on the same rank count and on another), checks invariants 1–4 after each, and ends `survived`, `safe-fail` or
 //! `violation`, one JSON line per cell. The suite fails on any violation.
 //!
 //! `FERRY_CRASH_TIER=pr` (the default, run by `make test`) takes the first and last hit, the
@@ -152,13 +152,27 @@ fn walk_names(d: &Path, out: &mut Vec<String>) {
     }
 }
 
+/// Mirror a tree with hard links (same inodes, same times).
+fn cp_al(from: &Path, to: &Path) {
+    let _ = fs::remove_dir_all(to);
+    let ok = Command::new("cp")
+        .arg("-al")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "cp -al {} {}", from.display(), to.display());
+}
+
 struct Cell {
     point: String,
     action: &'static str,
     launch: Launch,
     victim: usize,
     hit: u64,
-    resume_ranks: usize,
+    /// The rank count of the second resume (the first uses the crashed run's).
+    other_ranks: usize,
 }
 
 #[derive(Default)]
@@ -254,47 +268,73 @@ fn run_cell(s: &Scratch, reference: &Path, cell: &Cell, n: usize) -> Found {
         problems.push("the run exited 0 without a commit record".into());
     }
 
-    // Resume, then invariants 1-4.
+    // Resume, then invariants 1-4: once on the same rank count and once on another, each from
+    // the disk exactly as the crash left it.
     let mut recopied = 0;
     let mut total = 0;
     if state.join(&id).join("plan").exists() {
-        let launch = match cell.launch {
-            Launch::Threads(_) => Launch::Threads(cell.resume_ranks),
-            Launch::Mpi(_) => Launch::Mpi(cell.resume_ranks),
-        };
-        let st = state.to_str().unwrap().to_string();
-        let o = ferry(
-            s,
-            launch,
-            &["resume", &id, "--state-dir", &st, "--json"],
-            None,
-        );
-        if !o.status.success() {
-            problems.push(format!(
-                "resume failed ({:?}): {}",
-                o.status.code(),
-                String::from_utf8_lossy(&o.stderr)
-                    .lines()
-                    .last()
-                    .unwrap_or_default()
-            ));
-        } else if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&o.stdout) {
-            recopied = v["bytes_copied"].as_u64().unwrap_or(0);
-            total = v["bytes_total"].as_u64().unwrap_or(0);
+        let crashed_dst = s.path(&format!("crashed-dst{n}"));
+        let crashed_src = s.path(&format!("crashed-src{n}"));
+        cp_a(&dst, &crashed_dst);
+        // Sources are kept by hard links: their inodes are part of what ferry checks before it
+        // removes them, and a copy would change them.
+        let had_src = src.exists();
+        if had_src {
+            cp_al(&src, &crashed_src);
         }
-        problems.extend(
-            diff_trees(reference, &dst)
-                .into_iter()
-                .map(|d| format!("after resume: {d}")),
-        );
-        if src.exists() {
-            let mut left = Vec::new();
-            walk_names(&src, &mut left);
-            problems.push(format!("after resume: sources not removed: {left:?}"));
+        for (k, ranks) in [cell.launch.ranks(), cell.other_ranks]
+            .into_iter()
+            .enumerate()
+        {
+            if k > 0 {
+                cp_a(&crashed_dst, &dst);
+                let _ = fs::remove_dir_all(&src);
+                if had_src {
+                    cp_al(&crashed_src, &src);
+                }
+            }
+            let launch = match cell.launch {
+                Launch::Threads(_) => Launch::Threads(ranks),
+                Launch::Mpi(_) => Launch::Mpi(ranks),
+            };
+            let st = state.to_str().unwrap().to_string();
+            let o = ferry(
+                s,
+                launch,
+                &["resume", &id, "--state-dir", &st, "--json"],
+                None,
+            );
+            if !o.status.success() {
+                problems.push(format!(
+                    "resume on {ranks} failed ({:?}): {}",
+                    o.status.code(),
+                    String::from_utf8_lossy(&o.stderr)
+                        .lines()
+                        .last()
+                        .unwrap_or_default()
+                ));
+            } else if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&o.stdout) {
+                recopied += v["bytes_copied"].as_u64().unwrap_or(0);
+                total += v["bytes_total"].as_u64().unwrap_or(0);
+            }
+            problems.extend(
+                diff_trees(reference, &dst)
+                    .into_iter()
+                    .map(|d| format!("after resume on {ranks}: {d}")),
+            );
+            if src.exists() {
+                let mut left = Vec::new();
+                walk_names(&src, &mut left);
+                problems.push(format!(
+                    "after resume on {ranks}: sources not removed: {left:?}"
+                ));
+            }
+            if !temps_in(&dst).is_empty() {
+                problems.push(format!("after resume on {ranks}: temporaries left"));
+            }
         }
-        if !temps_in(&dst).is_empty() {
-            problems.push("after resume: temporaries left".into());
-        }
+        let _ = fs::remove_dir_all(&crashed_dst);
+        let _ = fs::remove_dir_all(&crashed_src);
     } else if !(clear_error || crashed) {
         problems.push(format!("no plan and no clear error (exit {code})"));
     }
@@ -421,7 +461,7 @@ fn crash_matrix() {
                             launch,
                             victim,
                             hit,
-                            resume_ranks: if n % 2 == 0 { ranks } else { other },
+                            other_ranks: other,
                         };
                         let Found {
                             lost,
@@ -444,7 +484,7 @@ fn crash_matrix() {
                         let line = serde_json::json!({
                             "point": cell.point, "action": cell.action, "launch": launch.name(),
                             "victim": cell.victim, "hit": cell.hit, "of": hits,
-                            "resume_ranks": cell.resume_ranks, "outcome": outcome, "fired": fired, "power_loss_changes": lost,
+                            "resume_ranks": [ranks, cell.other_ranks], "outcome": outcome, "fired": fired, "power_loss_changes": lost,
                             "recopied": recopied, "total": total, "detail": detail,
                         });
                         writeln!(out, "{line}").unwrap();
