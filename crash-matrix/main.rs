@@ -70,17 +70,8 @@ fn ferry_env(
             c
         }
         Launch::Mpi(n) => {
-            let mut c = Command::new("mpirun");
-            c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-                .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-                .env("OMPI_MCA_btl_base_warn_component_unused", "0")
-                .env("FERRY_HOME", s.home())
-                .env_remove("FERRY_FAILPOINTS")
-                .current_dir(s.dir.path())
-                .stdin(Stdio::null())
-                .args(["--oversubscribe", "--bind-to", "none", "-n", &n.to_string()])
-                .arg(env!("CARGO_BIN_EXE_ferry"))
-                .args(args);
+            let mut c = mpirun_ferry(s, n);
+            c.args(args);
             c
         }
     };
@@ -130,15 +121,24 @@ fn make_sources(root: &Path) {
 }
 
 fn cp_a(from: &Path, to: &Path) {
+    cp(from, to, "-a")
+}
+
+/// Mirror a tree with hard links (same inodes, same times).
+fn cp_al(from: &Path, to: &Path) {
+    cp(from, to, "-al")
+}
+
+fn cp(from: &Path, to: &Path, how: &str) {
     let _ = fs::remove_dir_all(to);
     let ok = Command::new("cp")
-        .arg("-a")
+        .arg(how)
         .arg(from)
         .arg(to)
         .status()
         .unwrap()
         .success();
-    assert!(ok, "cp -a {} {}", from.display(), to.display());
+    assert!(ok, "cp {how} {} {}", from.display(), to.display());
 }
 
 fn walk_names(d: &Path, out: &mut Vec<String>) {
@@ -150,19 +150,6 @@ fn walk_names(d: &Path, out: &mut Vec<String>) {
             }
         }
     }
-}
-
-/// Mirror a tree with hard links (same inodes, same times).
-fn cp_al(from: &Path, to: &Path) {
-    let _ = fs::remove_dir_all(to);
-    let ok = Command::new("cp")
-        .arg("-al")
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "cp -al {} {}", from.display(), to.display());
 }
 
 struct Cell {

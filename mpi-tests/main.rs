@@ -21,19 +21,8 @@ const DEADLINE: Duration = Duration::from_secs(120);
 const DEATH_BOUND: Duration = Duration::from_secs(20);
 
 fn mpirun(s: &Scratch, n: usize, args: &[&str]) -> Command {
-    let mut c = Command::new("mpirun");
-    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_btl_base_warn_component_unused", "0")
-        .env("FERRY_HOME", s.home())
-        .env("FERRY_TEST_TAG", s.dir.path())
-        .env("FERRY_FAILPOINTS_GATE", s.path("gate"))
-        .env_remove("FERRY_FAILPOINTS")
-        .current_dir(s.dir.path())
-        .stdin(Stdio::null())
-        .args(["--oversubscribe", "--bind-to", "none", "-n", &n.to_string()])
-        .arg(env!("CARGO_BIN_EXE_ferry"))
-        .args(args);
+    let mut c = mpirun_ferry(s, n);
+    c.args(args);
     c
 }
 

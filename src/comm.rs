@@ -109,6 +109,19 @@ thread_local! {
     static RANK: Cell<(usize, usize)> = const { Cell::new((0, 1)) };
 }
 
+/// The rank a launcher (mpirun, srun, ...) gave this process, read from the environment it sets,
+/// without initialising MPI.
+pub fn launcher_rank() -> Option<usize> {
+    [
+        "OMPI_COMM_WORLD_RANK",
+        "PMIX_RANK",
+        "PMI_RANK",
+        "SLURM_PROCID",
+    ]
+    .iter()
+    .find_map(|v| std::env::var(v).ok()?.parse().ok())
+}
+
 /// Record which rank this thread works for (for log prefixes and failpoints).
 pub fn set_thread_rank(rank: usize, size: usize) {
     RANK.with(|r| r.set((rank, size)));

@@ -239,7 +239,7 @@ fn main() {
     let launch = Launch::Local;
 
     // Commands that are not collective act once per job: on the launcher's rank 0.
-    if !collective && launcher_rank().is_some_and(|r| r != 0) {
+    if !collective && comm::launcher_rank().is_some_and(|r| r != 0) {
         std::process::exit(0);
     }
     let result = run(cli, launch);
@@ -270,25 +270,6 @@ fn main() {
     #[cfg(feature = "mpi")]
     drop(mpi);
     std::process::exit(code);
-}
-
-/// The rank a launcher gave this process, without initialising MPI.
-fn launcher_rank() -> Option<usize> {
-    #[cfg(feature = "mpi")]
-    {
-        ferry::mpi_comm::launcher_rank()
-    }
-    #[cfg(not(feature = "mpi"))]
-    {
-        [
-            "OMPI_COMM_WORLD_RANK",
-            "PMIX_RANK",
-            "PMI_RANK",
-            "SLURM_PROCID",
-        ]
-        .iter()
-        .find_map(|v| std::env::var(v).ok()?.parse().ok())
-    }
 }
 
 fn locate(id: &str, state_dir: Option<&std::path::Path>) -> ferry::Result<TransferDir> {

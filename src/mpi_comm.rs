@@ -56,18 +56,6 @@ pub fn launched() -> bool {
     .any(|v| std::env::var_os(v).is_some())
 }
 
-/// The rank a launcher gave this process, from its environment (without initialising MPI).
-pub fn launcher_rank() -> Option<usize> {
-    [
-        "OMPI_COMM_WORLD_RANK",
-        "PMIX_RANK",
-        "PMI_RANK",
-        "SLURM_PROCID",
-    ]
-    .iter()
-    .find_map(|v| std::env::var(v).ok()?.parse().ok())
-}
-
 /// Initialise MPI (threads may exist, only the main thread calls MPI) and install the panic hook.
 pub fn init() -> Result<Mpi> {
     let (universe, _threading) = mpi::initialize_with_threading(mpi::Threading::Funneled)

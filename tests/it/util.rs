@@ -277,6 +277,24 @@ impl Scratch {
     }
 }
 
+/// `mpirun -n N ferry` for this scratch: Open MPI's run-as-root variables and
+/// `--oversubscribe`, which the project sets so a user never has to, and the scratch's registry.
+pub fn mpirun_ferry(s: &Scratch, n: usize) -> Command {
+    let mut c = Command::new("mpirun");
+    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_btl_base_warn_component_unused", "0")
+        .env("FERRY_HOME", s.home())
+        .env("FERRY_TEST_TAG", s.dir.path())
+        .env("FERRY_FAILPOINTS_GATE", s.path("gate"))
+        .env_remove("FERRY_FAILPOINTS")
+        .current_dir(s.dir.path())
+        .stdin(Stdio::null())
+        .args(["--oversubscribe", "--bind-to", "none", "-n", &n.to_string()])
+        .arg(env!("CARGO_BIN_EXE_ferry"));
+    c
+}
+
 /// Poll `cond` until it holds (observing, not sleeping a fixed time); panic after `limit`.
 pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) {
     let t0 = Instant::now();
