@@ -107,13 +107,7 @@ fn hit_counts(o: &Output) -> BTreeMap<(String, usize), u64> {
 
 fn make_sources(root: &Path) {
     let mut r = Rng::new(42);
-    for i in 0..5u64 {
-        write_file(
-            &root.join(format!("d{}/f{i}", i % 2)),
-            20_000 + i * 7_001,
-            &mut r,
-        );
-    }
+    numbered_files(root, 5, 2, 20_000, 7_001, &mut r);
     write_file(&root.join("big"), 100_000, &mut r);
     write_file(&root.join("empty"), 0, &mut r);
     fs::create_dir_all(root.join("d1/nested/empty dir")).unwrap();

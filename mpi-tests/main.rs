@@ -50,6 +50,11 @@ fn run(s: &Scratch, n: usize, args: &[&str], fp: Option<&str>) -> Output {
     if let Some(fp) = fp {
         c.env("FERRY_FAILPOINTS", fp);
     }
+    piped(&mut c)
+}
+
+/// Spawn `c` with its output captured and wait for it under the deadline.
+fn piped(c: &mut Command) -> Output {
     let child = c
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -81,13 +86,7 @@ fn rank_pid(s: &Scratch, rank_var: &str, rank: usize) -> Option<i32> {
 fn sources(s: &Scratch, files: usize, size: u64) -> PathBuf {
     let src = s.path("src");
     let mut r = Rng::new(3);
-    for i in 0..files {
-        write_file(
-            &src.join(format!("d{}/f{i}", i % 3)),
-            size + i as u64 * 1013,
-            &mut r,
-        );
-    }
+    numbered_files(&src, files as u64, 3, size, 1013, &mut r);
     fs::create_dir_all(src.join("empty")).unwrap();
     std::os::unix::fs::symlink("d0/f0", src.join("ln")).unwrap();
     src
@@ -120,12 +119,7 @@ fn shared_layout_on_1_2_4_8_ranks_is_identical_balanced_and_committed_by_rank_0(
             ],
         );
         c.env("FERRY_FAILPOINTS_LIST", "1");
-        let o = wait_deadline(
-            c.stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn_tracked(),
-            DEADLINE,
-        );
+        let o = piped(&mut c);
         expect_code(&o, 0);
         let sum: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         assert_same_tree(&src, &s.path(&dst));
@@ -342,12 +336,7 @@ fn ranks_started_with_different_arguments_stop_before_any_data_moves() {
     let bin = env!("CARGO_BIN_EXE_ferry");
     let mut c = mpirun(&s, 1, &["copy", "src", "dstA"]);
     c.args([":", "-n", "1", bin, "copy", "src", "dstB"]);
-    let o = wait_deadline(
-        c.stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn_tracked(),
-        DEADLINE,
-    );
+    let o = piped(&mut c);
     expect_code(&o, 2);
     assert!(stderr(&o).contains("other arguments"), "{}", stderr(&o));
     assert!(!s.path("dstA").exists() && !s.path("dstB").exists());
@@ -462,12 +451,7 @@ fn under_srun_the_same_binary_copies_and_a_dead_rank_ends_the_step() {
     ) else {
         return;
     };
-    let o = wait_deadline(
-        c.stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn_tracked(),
-        DEADLINE,
-    );
+    let o = piped(&mut c);
     expect_code(&o, 0);
     let sum: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(sum["ranks"], 4);
@@ -509,14 +493,7 @@ fn under_srun_the_same_binary_copies_and_a_dead_rank_ends_the_step() {
     assert!(!o.status.success());
     assert!(!committed(&state, &id));
     assert_no_torn_finals(&src, &s.path("dst"));
-    let o = wait_deadline(
-        srun(&s, 2, &["resume", &id])
-            .unwrap()
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn_tracked(),
-        DEADLINE,
-    );
+    let o = piped(&mut srun(&s, 2, &["resume", &id]).unwrap());
     expect_code(&o, 0);
     assert_same_tree(&src, &s.path("dst"));
 }

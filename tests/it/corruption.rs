@@ -121,13 +121,7 @@ fn damaged_state_never_commits_falsely_nor_skips_a_file() {
     let s = Scratch::new();
     let src = s.path("src");
     let mut r = Rng::new(8);
-    for i in 0..6 {
-        write_file(
-            &src.join(format!("d{}/f{i}", i % 2)),
-            9_000 + i * 4_000,
-            &mut r,
-        );
-    }
+    numbered_files(&src, 6, 2, 9_000, 4_000, &mut r);
     // Interrupted with every unit journaled (2 ranks, so 2 journals), before the decision.
     let o = s
         .ferry()

@@ -22,13 +22,7 @@ fn finish(child: Child) -> std::process::Output {
 fn tree(s: &Scratch) -> std::path::PathBuf {
     let src = s.path("src");
     let mut r = Rng::new(5);
-    for i in 0..12 {
-        write_file(
-            &src.join(format!("d{}/f{i}", i % 3)),
-            50_000 + i * 7919,
-            &mut r,
-        );
-    }
+    numbered_files(&src, 12, 3, 50_000, 7919, &mut r);
     src
 }
 

@@ -93,6 +93,17 @@ pub fn awkward_tree(root: &Path, chunk: u64, big: u64, seed: u64) {
     set_mtime(&root.join("link to f1"), 1_200_000_000);
 }
 
+/// `files` seeded files `d{i % dirs}/f{i}` under `root`, file i of `base + i * step` bytes.
+pub fn numbered_files(root: &Path, files: u64, dirs: u64, base: u64, step: u64, rng: &mut Rng) {
+    for i in 0..files {
+        write_file(
+            &root.join(format!("d{}/f{i}", i % dirs)),
+            base + i * step,
+            rng,
+        );
+    }
+}
+
 /// Many small files in a few directories.
 pub fn small_files(root: &Path, dirs: usize, per_dir: usize, size: u64, seed: u64) {
     let mut r = Rng::new(seed);
