@@ -95,14 +95,23 @@ pub fn agree<T>(comm: &dyn Comm, local: Result<T>) -> Result<T> {
     };
     let all = comm.allgather(&mine)?;
     crate::failpoints::hit("comm::after_agree")?;
+    // The lowest rank's own error wins; a rank that only stopped because a peer did (an echo)
+    // is reported only if no rank has an error of its own.
+    let mut echo = None;
     for bytes in &all {
         if !bytes.is_empty() {
             let e: Error = serde_json::from_slice(bytes)
                 .map_err(|e| Error::internal(format!("decode peer error: {e}")))?;
-            return Err(e);
+            if !e.is_echo() {
+                return Err(e);
+            }
+            echo.get_or_insert(e);
         }
     }
-    local
+    match echo {
+        Some(e) => Err(e),
+        None => local,
+    }
 }
 
 thread_local! {

@@ -12,9 +12,8 @@ use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
@@ -23,12 +22,11 @@ use crate::failpoints;
 use crate::fsio;
 use crate::journal::{Journal, UnitDone};
 use crate::plan::{Entry, Plan};
+use crate::retry::RetryPolicy;
+pub use crate::stop::Stopper;
 
 /// Bytes moved per read/write call.
 pub const BUF_SIZE: usize = 4 << 20;
-/// How often a run looks for a cancel request.
-const CANCEL_POLL: Duration = Duration::from_millis(100);
-
 /// Bytes done and total, shared by every rank in this process (for the progress bar).
 #[derive(Debug, Default)]
 pub struct Progress {
@@ -36,63 +34,6 @@ pub struct Progress {
     pub done: AtomicU64,
     /// Bytes in the plan.
     pub total: AtomicU64,
-}
-
-/// Notices `ferry cancel`: the request file appearing in the transfer's state directory.
-#[derive(Debug)]
-pub struct Stopper {
-    request: PathBuf,
-    stop: AtomicBool,
-    last: Mutex<Instant>,
-}
-
-impl Stopper {
-    /// Watch for `request` to appear.
-    pub fn new(request: PathBuf) -> Stopper {
-        Stopper {
-            request,
-            stop: AtomicBool::new(false),
-            last: Mutex::new(Instant::now() - CANCEL_POLL),
-        }
-    }
-
-    /// `Err(cancelled)` once a cancel was requested (looks at the disk at most every 100 ms).
-    pub fn check(&self) -> Result<()> {
-        if self.stop.load(Ordering::Relaxed) {
-            return Err(Error::cancelled());
-        }
-        let due = {
-            let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-            if last.elapsed() >= CANCEL_POLL {
-                *last = Instant::now();
-                true
-            } else {
-                false
-            }
-        };
-        if due && !self.request.as_os_str().is_empty() && self.request.exists() {
-            self.stop.store(true, Ordering::Relaxed);
-            return Err(Error::cancelled());
-        }
-        Ok(())
-    }
-
-    /// A stopper that never stops (past the commit decision a cancel is refused).
-    pub fn disabled() -> Stopper {
-        Stopper {
-            request: PathBuf::new(),
-            stop: AtomicBool::new(false),
-            last: Mutex::new(Instant::now()),
-        }
-    }
-
-    /// Look at the disk now, whatever the time since the last look.
-    pub fn check_now(&self) -> Result<()> {
-        if !self.request.as_os_str().is_empty() && self.request.exists() {
-            self.stop.store(true, Ordering::Relaxed);
-        }
-        self.check()
-    }
 }
 
 /// The temporary name of entry `e`: beside its final name, so the rename stays in one directory.
@@ -122,19 +63,20 @@ pub struct CopyJob<'a> {
     pub plan: &'a Plan,
     /// This rank's journal.
     pub journal: &'a Journal,
-    /// Cancel watcher.
+    /// Signal, peer and cancel watcher.
     pub stopper: &'a Stopper,
     /// Shared progress counter.
     pub progress: &'a Progress,
+    /// How transient read and write errors are retried.
+    pub retry: RetryPolicy,
 }
 
 /// Copy `units` with `pool`; returns the journal records of the units done. On error the journal
-/// is still flushed, so finished units need not be redone.
+/// is still flushed, so finished units need not be redone, and the peers are told to stop.
 pub fn copy_units(job: &CopyJob, pool: &rayon::ThreadPool, units: &[u32]) -> Result<Vec<UnitDone>> {
     let done = Mutex::new(Vec::with_capacity(units.len()));
     let res = pool.install(|| {
-        units.par_iter().with_max_len(1).try_for_each(|&u| {
-            job.stopper.check()?;
+        par_units(units, job.stopper, |u| {
             let (rec, created_in) = copy_unit(job, u)?;
             job.journal.record(rec, created_in.as_deref())?;
             job.progress.done.fetch_add(rec.len, Ordering::Relaxed);
@@ -146,6 +88,29 @@ pub fn copy_units(job: &CopyJob, pool: &rayon::ThreadPool, units: &[u32]) -> Res
     res?;
     flushed?;
     Ok(done.into_inner().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// Run `f` on every unit with the pool's threads until one fails or the run must stop. The error
+/// returned is a thread's own before any echo of a peer's, and it is published to the peers, so
+/// every rank stops within a poll interval instead of at the end of its share.
+fn par_units(units: &[u32], stopper: &Stopper, f: impl Fn(u32) -> Result<()> + Sync) -> Result<()> {
+    let own: Mutex<Option<crate::Error>> = Mutex::new(None);
+    let res = units.par_iter().with_max_len(1).try_for_each(|&u| {
+        stopper.check()?;
+        f(u).inspect_err(|e| {
+            if !e.is_echo() {
+                let mut own = own.lock().unwrap_or_else(|p| p.into_inner());
+                if own.is_none() {
+                    stopper.tell_peers(e);
+                    *own = Some(e.clone());
+                }
+            }
+        })
+    });
+    match own.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => res,
+    }
 }
 
 fn same_as_planned(md: &fs::Metadata, e: &Entry) -> bool {
@@ -173,11 +138,7 @@ fn copy_unit(job: &CopyJob, u: u32) -> Result<(UnitDone, Option<PathBuf>)> {
     let unit = plan.unit(u);
     let e = plan.entry(unit.entry as usize);
     failpoints::io("copy::unit_start", &e.src)?;
-    let src = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&e.src)
-        .ctx("open", &e.src)?;
+    let src = job.retry.run("open", || open_nofollow(&e.src))?;
     let md = src.metadata().ctx("stat", &e.src)?;
     if !same_as_planned(&md, e) {
         return Err(changed(e, &md));
@@ -193,10 +154,8 @@ fn copy_unit(job: &CopyJob, u: u32) -> Result<(UnitDone, Option<PathBuf>)> {
         }
         copy_range(
             job,
-            &src,
-            &e.src,
-            &dst,
-            &tmp,
+            (&src, &e.src),
+            (&dst, &tmp),
             unit.offset,
             unit.len,
             &mut buf,
@@ -206,7 +165,10 @@ fn copy_unit(job: &CopyJob, u: u32) -> Result<(UnitDone, Option<PathBuf>)> {
     fsio::sync_data(&dst, &tmp)?;
     failpoints::io("copy::unit_synced", &tmp)?;
     let after = src.metadata().ctx("stat", &e.src)?;
-    if !same_as_planned(&after, e) {
+    // The change time catches a rewrite during this unit even if the writer restored the mtime.
+    if !same_as_planned(&after, e)
+        || (after.ctime(), after.ctime_nsec()) != (md.ctime(), md.ctime_nsec())
+    {
         return Err(changed(e, &after));
     }
     let rec = UnitDone {
@@ -217,13 +179,19 @@ fn copy_unit(job: &CopyJob, u: u32) -> Result<(UnitDone, Option<PathBuf>)> {
     Ok((rec, created.then(|| fsio::parent_of(&tmp).to_path_buf())))
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Open a file for reading without following a symlink at its name.
+fn open_nofollow(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .ctx("open", path)
+}
+
 fn copy_range(
     job: &CopyJob,
-    src: &File,
-    src_path: &Path,
-    dst: &File,
-    dst_path: &Path,
+    (src, src_path): (&File, &Path),
+    (dst, dst_path): (&File, &Path),
     offset: u64,
     len: u64,
     buf: &mut [u8],
@@ -234,7 +202,7 @@ fn copy_range(
     while pos < end {
         job.stopper.check()?;
         let want = ((end - pos) as usize).min(buf.len());
-        let n = read_at_retry(src, src_path, &mut buf[..want], pos)?;
+        let n = read_at(&job.retry, src, src_path, &mut buf[..want], pos)?;
         if n == 0 {
             return Err(Error::integrity(
                 src_path,
@@ -243,62 +211,84 @@ fn copy_range(
             .with_op("read"));
         }
         h.update(&buf[..n]);
-        dst.write_all_at(&buf[..n], pos).ctx("write", dst_path)?;
+        let chunk = &buf[..n];
+        job.retry.run("write", || {
+            dst.write_all_at(chunk, pos).ctx("write", dst_path)
+        })?;
         pos += n as u64;
     }
     Ok(h.finalize())
 }
 
-/// Read at an offset, retrying EINTR (the one transient error that is always safe to repeat here).
-fn read_at_retry(f: &File, path: &Path, buf: &mut [u8], pos: u64) -> Result<usize> {
-    loop {
-        match f.read_at(buf, pos) {
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(Error::io("read", path, e)),
+/// Read at an offset: EINTR is repeated at once, other transient errors (EAGAIN, ETIMEDOUT, EIO
+/// on a read) by `retry`, with backoff.
+fn read_at(retry: &RetryPolicy, f: &File, path: &Path, buf: &mut [u8], pos: u64) -> Result<usize> {
+    retry.run("read", || {
+        failpoints::io("copy::read", path)?;
+        loop {
+            match f.read_at(buf, pos) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::io("read", path, e)),
+            }
         }
-    }
+    })
 }
 
-/// Re-read `units` from their temporary files (or final names, once renamed) and compare CRCs.
+/// The CRC32 of bytes `offset..offset + len` of `f`; `None` if the file is shorter.
+fn crc_of(
+    retry: &RetryPolicy,
+    f: &File,
+    path: &Path,
+    offset: u64,
+    len: u64,
+    buf: &mut [u8],
+) -> Result<Option<u32>> {
+    let mut h = crc32fast::Hasher::new();
+    let mut pos = offset;
+    let end = offset + len;
+    while pos < end {
+        let want = ((end - pos) as usize).min(buf.len());
+        let n = read_at(retry, f, path, &mut buf[..want], pos)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        h.update(&buf[..n]);
+        pos += n as u64;
+    }
+    Ok(Some(h.finalize()))
+}
+
+/// Re-read `units` from their temporary files (or final names, once renamed) and compare CRCs
+/// with those computed while copying; then re-read the same bytes of the source, so a source
+/// rewritten in place (even with its size and mtime kept) is caught before the commit.
 pub fn verify_units(
     plan: &Plan,
     pool: &rayon::ThreadPool,
     units: &[u32],
     crcs: &HashMap<u32, u32>,
     stopper: &Stopper,
+    retry: RetryPolicy,
 ) -> Result<()> {
     pool.install(|| {
-        units.par_iter().try_for_each(|&u| {
-            stopper.check()?;
+        par_units(units, stopper, |u| {
             let unit = plan.unit(u);
             let e = plan.entry(unit.entry as usize);
             let tmp = temp_path(plan, unit.entry as usize);
             let path = if tmp.exists() { tmp } else { e.dst.clone() };
-            let f = OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&path)
-                .ctx("open", &path)?;
+            let f = open_nofollow(&path)?;
             fsio::drop_cache(&f);
-            let mut h = crc32fast::Hasher::new();
             let mut buf = vec![0u8; BUF_SIZE.min(unit.len.max(1) as usize)];
-            let mut pos = unit.offset;
             let end = unit.offset + unit.len;
-            while pos < end {
-                let want = ((end - pos) as usize).min(buf.len());
-                let n = read_at_retry(&f, &path, &mut buf[..want], pos)?;
-                if n == 0 {
-                    return Err(Error::integrity(
-                        &path,
-                        "destination is shorter than planned",
-                    ));
-                }
-                h.update(&buf[..n]);
-                pos += n as u64;
-            }
             let want = crcs.get(&u).copied();
-            if Some(h.finalize()) != want {
+            let got = crc_of(&retry, &f, &path, unit.offset, unit.len, &mut buf)?;
+            let Some(got) = got else {
+                return Err(Error::integrity(
+                    &path,
+                    "destination is shorter than planned",
+                ));
+            };
+            if Some(got) != want {
                 // The journal vouches for bytes that are not there: drop the temporary file so a
                 // resume copies the whole file again instead of trusting it.
                 if path != e.dst {
@@ -313,6 +303,19 @@ pub fn verify_units(
                 )
                 .with_op("verify")
                 .with_path(&path));
+            }
+            let s = open_nofollow(&e.src)?;
+            if crc_of(&retry, &s, &e.src, unit.offset, unit.len, &mut buf)? != want {
+                return Err(Error::integrity(
+                    &e.src,
+                    format!(
+                        "--verify: source bytes {}..{} changed since they were copied (its size \
+                         and mtime did not show it); cancel this transfer and copy again once the \
+                         source is final",
+                        unit.offset, end
+                    ),
+                )
+                .with_op("verify"));
             }
             Ok(())
         })

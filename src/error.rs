@@ -68,7 +68,13 @@ impl ErrorClass {
     /// Classify an errno. `op` matters for EIO: a failed read may succeed when repeated, a failed
     /// write or fsync means the storage lost data and is never trusted again.
     pub fn from_errno(errno: i32, op: &str) -> ErrorClass {
+        let sync = matches!(op, "fsync" | "fsync-dir");
         match errno {
+            // A failed fsync may have dropped the dirty pages: repeating it could succeed and
+            // lie. It is never transient; the run stops and a resume redoes the work.
+            libc::EINTR | libc::EAGAIN | libc::ETIMEDOUT | libc::EIO if sync => {
+                ErrorClass::Resource
+            }
             libc::EINTR | libc::EAGAIN | libc::ETIMEDOUT => ErrorClass::Transient,
             libc::EIO if op == "read" => ErrorClass::Transient,
             libc::ENOSPC | libc::EDQUOT | libc::EMFILE | libc::ENFILE | libc::EFBIG | libc::EIO => {
@@ -129,6 +135,29 @@ impl Error {
         Error::new(ErrorClass::Usage, message)
     }
 
+    /// A state file in a format newer than this ferry reads (`found`; this one reads `known`).
+    /// If a checksum covers the format number, it was written by a newer ferry: a `usage` error.
+    /// If not, a damaged byte could read the same, so it is an `integrity` error saying both.
+    pub fn newer_format(path: &Path, what: &str, found: u64, known: u64, checked: bool) -> Error {
+        let me = env!("CARGO_PKG_VERSION");
+        if checked {
+            Error::usage(format!(
+                "{what} was written by a newer ferry (format {found}; this ferry {me} reads \
+                 format {known}): run the ferry that wrote it, or a newer one"
+            ))
+        } else {
+            Error::new(
+                ErrorClass::Integrity,
+                format!(
+                    "{what} says format {found}; this ferry {me} reads format {known}: it was \
+                     written by a newer ferry (run that one) or it is damaged; it was not trusted"
+                ),
+            )
+        }
+        .with_op("read-state")
+        .with_path(path)
+    }
+
     /// An integrity error naming a path.
     pub fn integrity(path: &Path, message: impl Into<String>) -> Error {
         Error::new(ErrorClass::Integrity, message).with_path(path)
@@ -168,6 +197,15 @@ impl Error {
             rank: None,
             message: strip_os_error(&err),
         }
+    }
+
+    /// The operation of an echo: a rank that stopped because a peer stopped first.
+    pub const ECHO_OP: &'static str = "peer-stopped";
+
+    /// Whether this error only echoes a peer's (see `stop`): when ranks agree on an outcome, a
+    /// rank's own error is reported before any echo.
+    pub fn is_echo(&self) -> bool {
+        self.op == Error::ECHO_OP
     }
 
     /// Attach a path.
@@ -306,6 +344,11 @@ mod tests {
             ErrorClass::from_errno(libc::EIO, "fsync"),
             ErrorClass::Resource
         );
+        // A failed fsync is never retried, whatever errno it gave.
+        for errno in [libc::EINTR, libc::EAGAIN, libc::ETIMEDOUT] {
+            assert_eq!(ErrorClass::from_errno(errno, "fsync"), ErrorClass::Resource);
+            assert_eq!(ErrorClass::from_errno(errno, "read"), ErrorClass::Transient);
+        }
     }
 
     #[test]

@@ -7,14 +7,16 @@
 //! FERRY_FAILPOINTS="copy::unit_synced=exit@1#3;commit::decision_written=panic"
 //! ```
 //!
-//! Each item is `name=action[@rank][#nth]`: `action` is `exit` (leave the process at once without
-//! unwinding or flushing, what SIGKILL does), `panic`, `error(ERRNO)` with ERRNO one of `EIO`,
-//! `ENOSPC`, `EACCES`, `powerloss` (as `exit`, after recording what a power loss would keep:
+//! Each item is `name=action[@rank][#nth[*count]]`: `action` is `exit` (leave the process at once
+//! without unwinding or flushing, what SIGKILL does), `panic`, `error(ERRNO)` with ERRNO one of
+//! `EIO`, `ENOSPC`, `EACCES`, `EPERM`, `EROFS`, `EFBIG`, `EAGAIN`, `ETIMEDOUT`, `EINTR` (the error
+//! of the operation named by the point's last part: `copy::read` fails a read), `powerloss` (as `exit`, after recording what a power loss would keep:
 //! see the `powerloss` module), or `pause` (create `$FERRY_FAILPOINTS_GATE.paused`, then wait until the
 //! file `$FERRY_FAILPOINTS_GATE` exists, and remove it: tests use it to look at, or tamper with, a run at an
 //! exact point), or `delay(MS)` (sleep MS milliseconds on this and every later hit: slows a
 //! run down so a test can kill it mid-copy); `@rank` limits it to one rank; `#nth` fires on the nth hit on that rank
-//! (default: the first). `FERRY_FAILPOINTS_LIST=1` prints every point as it is passed, so tests
+//! (default: the first), `#nth*count` on `count` hits from the nth, `#nth*` on every hit from the
+//! nth. `FERRY_FAILPOINTS_LIST=1` prints every point as it is passed, so tests
 //! can see which points a run goes through.
 //!
 //! This module only decides whether to fire; it must not change behaviour when nothing is set.
@@ -37,6 +39,7 @@ pub const DECLARED: &[&str] = &[
     "journal::written",
     "journal::synced",
     "copy::unit_start",
+    "copy::read",
     "copy::unit_written",
     "copy::unit_synced",
     "copy::all_done",
@@ -104,6 +107,8 @@ mod imp {
         action: Action,
         rank: Option<usize>,
         nth: u64,
+        /// Hits it fires on, from the nth (`u64::MAX`: every one).
+        count: u64,
     }
 
     fn parse(spec: &str) -> Vec<Point> {
@@ -111,9 +116,13 @@ mod imp {
             .filter(|s| !s.trim().is_empty())
             .filter_map(|item| {
                 let (name, rest) = item.trim().split_once('=')?;
-                let (rest, nth) = match rest.split_once('#') {
-                    Some((r, n)) => (r, n.parse().ok()?),
-                    None => (rest, 1),
+                let (rest, nth, count) = match rest.split_once('#') {
+                    Some((r, n)) => match n.split_once('*') {
+                        Some((n, "")) => (r, n.parse().ok()?, u64::MAX),
+                        Some((n, c)) => (r, n.parse().ok()?, c.parse().ok()?),
+                        None => (r, n.parse().ok()?, 1),
+                    },
+                    None => (rest, 1, 1),
                 };
                 let (act, rank) = match rest.split_once('@') {
                     Some((a, r)) => (a, Some(r.parse().ok()?)),
@@ -127,9 +136,21 @@ mod imp {
                         Action::Delay(a[6..a.len() - 1].parse().ok()?)
                     }
                     "panic" => Action::Panic,
-                    "error(EIO)" | "error" => Action::Error(libc::EIO),
-                    "error(ENOSPC)" => Action::Error(libc::ENOSPC),
-                    "error(EACCES)" => Action::Error(libc::EACCES),
+                    "error" => Action::Error(libc::EIO),
+                    a if a.starts_with("error(") && a.ends_with(')') => {
+                        Action::Error(match &a[6..a.len() - 1] {
+                            "EIO" => libc::EIO,
+                            "ENOSPC" => libc::ENOSPC,
+                            "EACCES" => libc::EACCES,
+                            "EPERM" => libc::EPERM,
+                            "EROFS" => libc::EROFS,
+                            "EFBIG" => libc::EFBIG,
+                            "EAGAIN" => libc::EAGAIN,
+                            "ETIMEDOUT" => libc::ETIMEDOUT,
+                            "EINTR" => libc::EINTR,
+                            _ => return None,
+                        })
+                    }
                     _ => return None,
                 };
                 Some(Point {
@@ -137,6 +158,7 @@ mod imp {
                     action,
                     rank,
                     nth,
+                    count,
                 })
             })
             .collect()
@@ -189,7 +211,7 @@ mod imp {
             }
             return Ok(());
         }
-        if n != p.nth {
+        if n < p.nth || n - p.nth >= p.count {
             return Ok(());
         }
         match p.action {
@@ -223,7 +245,13 @@ mod imp {
             Action::Error(errno) => {
                 eprintln!("failpoint {name}: error {errno} on rank {rank}, hit {n}");
                 let p = path.unwrap_or(Path::new(name));
-                Err(Error::io(name, p, io::Error::from_raw_os_error(errno)))
+                // `copy::read` fails as a read would (EIO there is transient), other points
+                // under their own name.
+                let op = match name.rsplit_once("::") {
+                    Some((_, "read")) => "read",
+                    _ => name,
+                };
+                Err(Error::io(op, p, io::Error::from_raw_os_error(errno)))
             }
         }
     }
@@ -234,8 +262,14 @@ mod imp {
 
         #[test]
         fn specs_parse() {
-            let p = parse("a::b=exit@1#3; c::d=error(ENOSPC);bad;e=panic;f=delay(20)");
-            assert_eq!(p.len(), 4);
+            let p = parse(
+                "a::b=exit@1#3; c::d=error(ENOSPC);bad;e=panic;f=delay(20);g=error(EAGAIN)#2*3;h=error(ETIMEDOUT)#1*",
+            );
+            assert_eq!(p.len(), 6);
+            assert_eq!((p[4].nth, p[4].count), (2, 3));
+            assert!(matches!(p[4].action, Action::Error(libc::EAGAIN)));
+            assert_eq!((p[5].nth, p[5].count), (1, u64::MAX));
+            assert_eq!(p[0].count, 1);
             assert!(matches!(p[3].action, Action::Delay(20)));
             assert_eq!(p[0].rank, Some(1));
             assert_eq!(p[0].nth, 3);
@@ -283,10 +317,10 @@ mod declared {
         let mut named = BTreeSet::new();
         for line in doc.lines() {
             let cells: Vec<&str> = line.split('|').map(str::trim).collect();
-            // Rows of the crash-point tables: | number | ... (`phase::step`) ... |
+            // Rows of the crash-point tables: | number (4, 4a) | ... (`phase::step`) ... |
             if cells.len() > 2
-                && cells[1].chars().all(|c| c.is_ascii_digit())
-                && !cells[1].is_empty()
+                && cells[1].starts_with(|c: char| c.is_ascii_digit())
+                && cells[1].chars().all(|c| c.is_ascii_alphanumeric())
             {
                 for tok in cells[2].split('`').skip(1).step_by(2) {
                     named.insert(tok.to_string());

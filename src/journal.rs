@@ -295,8 +295,18 @@ fn check_header(bytes: &[u8], path: &Path, plan_crc: u32) -> Result<()> {
     if crc32fast::hash(&h[..28]) != crc {
         return Err(bad("checksum mismatch"));
     }
-    if u32::from_le_bytes([h[8], h[9], h[10], h[11]]) != VERSION {
-        return Err(bad("unknown version"));
+    match u32::from_le_bytes([h[8], h[9], h[10], h[11]]) {
+        VERSION => {}
+        v if v > VERSION => {
+            return Err(Error::newer_format(
+                path,
+                "journal",
+                v as u64,
+                VERSION as u64,
+                true,
+            ))
+        }
+        _ => return Err(bad("unknown version")),
     }
     if u32::from_le_bytes([h[20], h[21], h[22], h[23]]) != plan_crc {
         return Err(bad("it belongs to a different plan"));

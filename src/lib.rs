@@ -17,6 +17,8 @@
 //! | state directory, records, lock, registry | [`state`] |
 //! | `ferry status` | [`status`] |
 //! | the protocol, phase by phase | [`transfer`] |
+//! | signals, peers that stopped, cancel requests | [`stop`] |
+//! | bounded retry of transient errors | [`retry`] |
 //! | named failpoints for crash tests | [`failpoints`] |
 
 #![warn(missing_docs)]
@@ -35,9 +37,11 @@ pub mod pathser;
 pub mod plan;
 #[cfg(feature = "failpoints")]
 pub mod powerloss;
+pub mod retry;
 pub mod size;
 pub mod state;
 pub mod status;
+pub mod stop;
 pub mod transfer;
 
 pub use comm::{Comm, SingleComm, ThreadComm};

@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use ferry::comm::{self, Comm, SingleComm};
 use ferry::engine::Progress;
+use ferry::retry::RetryPolicy;
 use ferry::size::{human, parse_size};
 use ferry::state::{self, TransferDir};
 use ferry::status::{self, Status};
@@ -48,6 +49,22 @@ struct Output {
     /// Run N ranks as threads of this process (testing without a launcher).
     #[arg(long, value_name = "N", default_value_t = 1)]
     ranks: usize,
+    /// Attempts in all for an operation that fails with a transient error (EINTR, EAGAIN,
+    /// ETIMEDOUT, EIO on a read); 1 never retries.
+    #[arg(long, value_name = "N", default_value_t = RetryPolicy::default().attempts,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    retries: u32,
+    /// The most time to spend retrying one operation, waits included (e.g. 60s, 5m).
+    #[arg(long, value_name = "TIME", default_value = "60s", value_parser = parse_duration)]
+    retry_time: Duration,
+}
+
+/// A duration: plain seconds (`30`) or with units (`30s`, `5m`, `1h 30m`).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    if let Ok(secs) = s.trim().parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("'{s}' is not a duration ({e}); e.g. 30s, 5m"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -78,6 +95,9 @@ enum Cmd {
         /// Re-read every destination unit and compare CRC32s before committing.
         #[arg(long)]
         verify: bool,
+        /// Leave out sockets, FIFOs and device files (with a warning) instead of refusing them.
+        #[arg(long)]
+        skip_special: bool,
         #[command(flatten)]
         out: Output,
     },
@@ -203,8 +223,42 @@ enum Launch<'a> {
     Never(std::marker::PhantomData<&'a ()>),
 }
 
+/// The id of the transfer this run works on, once rank 0 knows it (for the error hint).
+static ANNOUNCED: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
 fn main() {
-    let cli = Cli::parse();
+    // `ferry list | head` ends quietly, as other command-line tools do.
+    // SAFETY: restoring the default disposition of SIGPIPE runs no handler code.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            // Misuse is a `usage` error like any other: one line in ferry's form, then clap's
+            // details (what was expected, how to get help).
+            let text = e.render().to_string();
+            let text = text.trim_start_matches("error: ");
+            let mut lines = text.lines();
+            eprintln!(
+                "ferry: error: usage: {}",
+                lines.next().unwrap_or("bad arguments")
+            );
+            for l in lines.filter(|l| !l.trim().is_empty()) {
+                eprintln!("  {l}");
+            }
+            std::process::exit(ferry::ErrorClass::Usage.exit_code());
+        }
+    };
     let (quiet, json) = match &cli.cmd {
         Cmd::Copy { out, .. } | Cmd::Resume { out, .. } => (out.quiet || out.json, out.json),
         Cmd::Status { json, .. } | Cmd::Verify { json, .. } | Cmd::List { json, .. } => {
@@ -242,6 +296,13 @@ fn main() {
     if !collective && comm::launcher_rank().is_some_and(|r| r != 0) {
         std::process::exit(0);
     }
+    // SIGTERM, SIGINT, SIGUSR1: stop every rank, flush journals, exit `interrupted` (3).
+    if collective {
+        if let Err(e) = ferry::stop::install_signal_handlers(comm::thread_rank().0) {
+            eprintln!("ferry: error: {e}");
+            std::process::exit(e.exit_code());
+        }
+    }
     let result = run(cli, launch);
     let (rank, size) = comm::thread_rank();
     let code = match &result {
@@ -249,9 +310,16 @@ fn main() {
         Err(e) => {
             // Errors every rank agreed on carry the failing rank: rank 0 tells them once.
             if rank == 0 || e.rank.is_none() {
-                eprintln!("ferry: error: {e}\n  hint: {}", e.hint());
+                // Name the transfer in the hint once it has one.
+                let hint = match ANNOUNCED.lock().ok().and_then(|a| a.clone()) {
+                    Some(id) => e.hint().replace("<ID>", &id),
+                    None => e.hint().to_string(),
+                };
+                eprintln!("ferry: error: {e}\n  hint: {hint}");
                 if json {
-                    let v = serde_json::json!({ "error": e });
+                    let v = serde_json::json!({
+                        "error": e, "hint": hint, "exit_code": e.exit_code()
+                    });
                     println!("{v}");
                 }
             }
@@ -287,6 +355,7 @@ fn run(cli: Cli, launch: Launch) -> ferry::Result<i32> {
             threads,
             delete_source,
             verify,
+            skip_special,
             out,
         } => {
             let dest = paths.pop().unwrap_or_default();
@@ -298,6 +367,7 @@ fn run(cli: Cli, launch: Launch) -> ferry::Result<i32> {
             opts.threads = threads.unwrap_or_else(default_threads);
             opts.delete_source = delete_source;
             opts.verify = verify;
+            opts.skip_special = skip_special;
             let sum = run_ranks(&out, launch, |c, run| transfer::copy(c, &opts, run))?;
             report(&sum, &out);
             Ok(0)
@@ -468,6 +538,9 @@ where
                     let _ = std::io::stdout().flush();
                 }
                 log::debug!("transfer {id}: state in '{}'", dir.display());
+                if let Ok(mut a) = ANNOUNCED.lock() {
+                    *a = Some(id.to_string());
+                }
                 if let Ok(mut t) = announce_src.transfer.lock() {
                     *t = Some((
                         TransferDir {
@@ -479,6 +552,11 @@ where
                 }
             },
         )),
+        retry: RetryPolicy {
+            attempts: out.retries,
+            max_time: out.retry_time,
+            ..RetryPolicy::default()
+        },
         ..RunOptions::default()
     };
     let show =

@@ -221,6 +221,30 @@ impl Plan {
         }
     }
 
+    /// The destination directories rank `me` of `nranks` writes whole trees into: the top-level
+    /// directory entries it holds (shared layout: rank 0, for all; local layout: each rank, for
+    /// its own). A run locks them so that two transfers never fill one tree at once.
+    pub fn dest_roots(&self, me: usize, nranks: usize) -> Vec<PathBuf> {
+        let held = self.held_entries();
+        let mine: Vec<&Entry> = held
+            .iter()
+            .map(|&e| self.entry(e))
+            .filter(|e| match (self.layout, e.holder) {
+                (Layout::Local, Some(h)) => h == me,
+                _ => me == 0 || nranks == 0,
+            })
+            .collect();
+        let dirs: std::collections::HashSet<&Path> = mine
+            .iter()
+            .filter(|e| e.kind == Kind::Dir)
+            .map(|e| e.dst.as_path())
+            .collect();
+        mine.iter()
+            .filter(|e| e.kind == Kind::Dir && !e.dst.parent().is_some_and(|p| dirs.contains(p)))
+            .map(|e| e.dst.clone())
+            .collect()
+    }
+
     /// Plan-wide indices of the entries held (all of them in the whole plan).
     pub fn held_entries(&self) -> Vec<usize> {
         if self.whole.is_none() {
@@ -371,6 +395,34 @@ impl Plan {
     }
 }
 
+/// Refuse a destination path the system cannot create: longer than PATH_MAX (with `temp` bytes
+/// for a temporary name beside it) or with a component longer than NAME_MAX.
+fn check_length(dst: &Path, temp: usize) -> Result<()> {
+    let bytes = dst.as_os_str().len();
+    let parent = parent_len(dst);
+    if bytes >= PATH_MAX || parent + 1 + temp >= PATH_MAX {
+        return Err(Error::usage(format!(
+            "destination path is {bytes} bytes long; the system allows {} (PATH_MAX, with room \
+             for ferry's temporary name beside it): choose a shorter destination",
+            PATH_MAX - 1 - temp.min(PATH_MAX - 1)
+        ))
+        .with_path(dst));
+    }
+    if let Some(c) = dst.components().find(|c| c.as_os_str().len() > NAME_MAX) {
+        return Err(Error::usage(format!(
+            "a name in the destination path is {} bytes long; the system allows {NAME_MAX} \
+             (NAME_MAX)",
+            c.as_os_str().len()
+        ))
+        .with_path(dst));
+    }
+    Ok(())
+}
+
+fn parent_len(p: &Path) -> usize {
+    p.parent().map(|q| q.as_os_str().len()).unwrap_or(0)
+}
+
 /// Cut file entries into units of at most `chunk` bytes (an empty file is one empty unit).
 pub fn make_units(entries: &[Entry], chunk: u64) -> Vec<Unit> {
     let mut units = Vec::new();
@@ -489,11 +541,29 @@ fn entry_from(
     }
 }
 
-/// What a walk found besides the entries.
+/// What a walk found besides the entries, and how it treats special files.
 #[derive(Debug, Default)]
 pub struct WalkReport {
+    /// Skip sockets, FIFOs and device files with a warning instead of refusing them.
+    pub skip_special: bool,
     /// Sockets, FIFOs and device files that were skipped, with a warning.
     pub skipped: Vec<PathBuf>,
+}
+
+/// What a special file is, in words.
+fn special_kind(ft: &fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else {
+        "not a file, directory or symlink"
+    }
 }
 
 /// Map sources to destination roots: one directory source becomes `dest` itself; one file source
@@ -556,9 +626,10 @@ pub fn walk(
         out.push(entry_from(Kind::File, src, dst, &md, holder));
     } else {
         return Err(Error::usage(format!(
-            "source '{}' is neither a file nor a directory",
-            src.display()
-        )));
+            "source is {}; ferry copies files, directories and symlinks",
+            special_kind(&md.file_type())
+        ))
+        .with_path(src));
     }
     Ok(out)
 }
@@ -571,6 +642,8 @@ fn walk_dir(
     out: &mut Vec<Entry>,
     report: &mut WalkReport,
 ) -> Result<()> {
+    // A signal stops a long walk too (nothing is planned yet, so nothing is lost).
+    crate::stop::check_signal()?;
     let mut names: Vec<OsString> = Vec::new();
     for ent in fs::read_dir(src).ctx("read-dir", src)? {
         names.push(ent.ctx("read-dir", src)?.file_name());
@@ -598,20 +671,63 @@ fn walk_dir(
             let mut e = entry_from(Kind::Symlink, &s, &d, &md, holder);
             e.target = Some(fs::read_link(&s).ctx("readlink", &s)?);
             out.push(e);
-        } else {
+        } else if report.skip_special {
             log::warn!(
-                "skipping '{}': not a file, directory or symlink",
-                s.display()
+                "skipping '{}': it is {} (--skip-special)",
+                s.display(),
+                special_kind(&ft)
             );
             report.skipped.push(s);
+        } else {
+            return Err(Error::usage(format!(
+                "it is {}; ferry copies files, directories and symlinks: remove it, or pass \
+                 --skip-special to leave such files out",
+                special_kind(&ft)
+            ))
+            .with_op("walk")
+            .with_path(&s));
         }
     }
     Ok(())
 }
 
+/// The longest path the system accepts (PATH_MAX, the terminating NUL included).
+const PATH_MAX: usize = libc::PATH_MAX as usize;
+/// The longest name of one path component.
+const NAME_MAX: usize = 255;
+/// Room for the temporary name beside a file (`.ferry-ID-N.tmp`, ID at most 64 bytes).
+const TEMP_NAME_MAX: usize = 7 + 64 + 1 + 20 + 4;
+
 /// Refuse plans that would write over their own sources: a destination equal to, inside, or
-/// containing a source, or two entries with one destination path.
+/// containing a source, sources inside one another, two entries with one destination path, or a
+/// destination path (or its temporary name) longer than the system allows.
 pub fn check_paths(entries: &[Entry], roots: &[(PathBuf, PathBuf)]) -> Result<()> {
+    for (i, (a, _)) in roots.iter().enumerate() {
+        for (b, _) in &roots[i + 1..] {
+            if a.starts_with(b) || b.starts_with(a) {
+                let (inner, outer) = if a.starts_with(b) { (a, b) } else { (b, a) };
+                return Err(Error::usage(format!(
+                    "sources overlap: '{}' is inside '{}' (or the same); give each file once",
+                    inner.display(),
+                    outer.display()
+                ))
+                .with_path(inner));
+            }
+        }
+    }
+    for (_, d) in roots {
+        check_length(d, 0)?;
+    }
+    for e in entries {
+        check_length(
+            &e.dst,
+            if e.kind == Kind::File {
+                TEMP_NAME_MAX
+            } else {
+                0
+            },
+        )?;
+    }
     for (s, d) in roots {
         if d == s {
             return Err(Error::usage(format!(

@@ -41,6 +41,9 @@ pub mod names {
     pub const MEMBERS: &str = "members";
     /// Left by `ferry forget` so the id is never used again.
     pub const FORGOTTEN: &str = "forgotten";
+    /// Left by the first rank of a live run that stops (signal or error), so its peers stop
+    /// too; removed when the next run starts.
+    pub const STOP: &str = "stop";
 }
 
 /// A transfer's state directory (`STATE_DIR/ID`).
@@ -156,8 +159,10 @@ pub fn unframe<'a>(kind: &str, bytes: &'a [u8], path: &Path) -> Result<&'a [u8]>
     if parts.next() != Some(magic.as_str()) {
         return Err(bad(&format!("not a {kind} record")));
     }
-    if parts.next() != Some("1") {
-        return Err(bad("unknown version"));
+    match parts.next().map(|v| v.parse::<u64>()) {
+        Some(Ok(1)) => {}
+        Some(Ok(v)) if v > 1 => return Err(Error::newer_format(path, kind, v, 1, false)),
+        _ => return Err(bad("unknown version")),
     }
     let len: usize = parts
         .next()
@@ -399,6 +404,45 @@ fn members_alive(td: &TransferDir, tries: u32) -> bool {
         }
     }
     false
+}
+
+/// Exclusive locks on the destination trees a run fills (see [`crate::plan::Plan::dest_roots`]),
+/// held for the run: a second transfer into the same destination gets a `usage` error instead of
+/// mixing its files with the first one's.
+#[derive(Debug)]
+pub struct DestLock {
+    _files: Vec<File>,
+}
+
+impl DestLock {
+    /// Lock `dirs` (creating them if `create`; else skipping those that do not exist yet).
+    pub fn acquire(dirs: &[PathBuf], create: bool) -> Result<DestLock> {
+        let mut files = Vec::new();
+        for d in dirs {
+            if create {
+                fsio::create_dirs(d)?;
+            } else if !d.is_dir() {
+                continue;
+            }
+            let f = File::open(d).ctx("open-dir", d)?;
+            match f.try_lock() {
+                Ok(()) => files.push(f),
+                Err(fs::TryLockError::WouldBlock) => {
+                    return Err(Error::usage(
+                        "another ferry transfer is writing into this destination right now; wait \
+                         for it to end (`ferry list`) or choose another destination",
+                    )
+                    .with_op("lock")
+                    .with_path(d))
+                }
+                // A file system without flock: go on without the guard, but say so.
+                Err(fs::TryLockError::Error(e)) => {
+                    log::debug!("cannot lock '{}' ({e}); not guarding it", d.display())
+                }
+            }
+        }
+        Ok(DestLock { _files: files })
+    }
 }
 
 /// A rank's membership in a live run: a shared lock on `members`, held until the rank is done, so

@@ -159,6 +159,22 @@ pub fn read_plan_body(td: &TransferDir) -> Result<(Plan, Vec<u8>)> {
         }
     })?;
     let body = state::unframe("plan", &bytes, &path)?;
+    // Look at the format before the rest: a newer plan may not parse as this one.
+    #[derive(serde::Deserialize)]
+    struct Format {
+        format: u32,
+    }
+    if let Ok(Format { format }) = serde_json::from_slice::<Format>(body) {
+        if format > crate::plan::FORMAT {
+            return Err(Error::newer_format(
+                &path,
+                "plan",
+                format as u64,
+                crate::plan::FORMAT as u64,
+                true,
+            ));
+        }
+    }
     let plan: Plan = serde_json::from_slice(body).map_err(|e| {
         Error::integrity(
             &path,

@@ -28,15 +28,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::comm::{agree, Comm};
 use crate::commit;
-use crate::engine::{self, CopyJob, Progress, Stopper};
+use crate::engine::{self, CopyJob, Progress};
 use crate::error::{Error, ErrorClass, IoContext, Result};
 use crate::failpoints;
 use crate::fsio;
 use crate::journal::{self, Journal};
 use crate::manifest::{self, CommitRecord};
 use crate::plan::{self, Entry, Kind, Layout, Plan};
-use crate::state::{self, names, Lock, TransferDir};
+use crate::retry::RetryPolicy;
+use crate::state::{self, names, DestLock, Lock, TransferDir};
 use crate::status::{self, State, Status};
+use crate::stop::{self, Stopper};
 
 /// Default chunk size: 64 MiB.
 pub const DEFAULT_CHUNK: u64 = 64 << 20;
@@ -64,6 +66,8 @@ pub struct CopyOptions {
     pub verify: bool,
     /// Record the transfer in the per-user registry (so it is found by id alone).
     pub register: bool,
+    /// Leave out sockets, FIFOs and device files (with a warning) instead of refusing them.
+    pub skip_special: bool,
 }
 
 impl CopyOptions {
@@ -80,6 +84,7 @@ impl CopyOptions {
             delete_source: false,
             verify: false,
             register: true,
+            skip_special: false,
         }
     }
 }
@@ -99,6 +104,8 @@ pub struct RunOptions {
     pub progress: Option<Arc<Progress>>,
     /// Told the transfer id as soon as the plan is durable (before any data moves).
     pub announce: Option<Announce>,
+    /// How transient errors are retried.
+    pub retry: RetryPolicy,
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -106,6 +113,7 @@ impl std::fmt::Debug for RunOptions {
         f.debug_struct("RunOptions")
             .field("threads", &self.threads)
             .field("verify", &self.verify)
+            .field("retry", &self.retry)
             .finish_non_exhaustive()
     }
 }
@@ -215,7 +223,7 @@ pub fn copy(comm: &dyn Comm, opts: &CopyOptions, run: &RunOptions) -> Result<Sum
     same_command(
         comm,
         &format!(
-            "copy {:?} {:?} id={:?} state-dir={:?} layout={:?} chunk={} threads={} delete={} verify={}",
+            "copy {:?} {:?} id={:?} state-dir={:?} layout={:?} chunk={} threads={} delete={} verify={} skip-special={}",
             opts.sources,
             opts.dest,
             opts.id,
@@ -224,7 +232,8 @@ pub fn copy(comm: &dyn Comm, opts: &CopyOptions, run: &RunOptions) -> Result<Sum
             opts.chunk_size,
             opts.threads,
             opts.delete_source,
-            opts.verify
+            opts.verify,
+            opts.skip_special
         ),
     )?;
     // Every rank resolves its own paths; any bad input stops all of them.
@@ -233,10 +242,12 @@ pub fn copy(comm: &dyn Comm, opts: &CopyOptions, run: &RunOptions) -> Result<Sum
 
     // Rank 0 names the transfer, makes its state directory and takes the lock.
     let mut lock = None;
+    let mut made = Vec::new();
     let td: TransferDir = {
         let local = if me == 0 {
-            setup_new_transfer(opts, layout, &srcs, &dst).map(|(td, l)| {
+            setup_new_transfer(opts, &srcs, &dst).map(|(td, l, m)| {
                 lock = Some(l);
+                made = m;
                 td
             })
         } else {
@@ -295,10 +306,7 @@ pub fn copy(comm: &dyn Comm, opts: &CopyOptions, run: &RunOptions) -> Result<Sum
         Err(e) => {
             // Nothing was planned: leave no half-made transfer behind.
             if me == 0 && !td.exists() {
-                let _ = std::fs::remove_dir_all(&td.path);
-                if opts.register {
-                    state::registry::remove(&td.id);
-                }
+                undo_setup(&td, &made, opts.register);
             }
             return Err(e);
         }
@@ -344,15 +352,38 @@ fn resolve_inputs(
     let dst = plan::absolute(Path::new(&dst_typed))?;
     let roots = plan::roots(&srcs, &dst, &dst_typed)?;
     plan::check_paths(&[], &roots)?;
+    // Refuse now, before anything is made, if another transfer is filling the destination (the
+    // run takes the lock for good once its plan is known).
+    if layout == Layout::Local || me == 0 {
+        let dirs: Vec<PathBuf> = roots
+            .iter()
+            .filter(|(s, _)| s.is_dir())
+            .map(|(_, d)| d.clone())
+            .collect();
+        DestLock::acquire(&dirs, false)?;
+    }
     Ok((layout, srcs, (dst, dst_typed)))
 }
 
+/// Remove what [`setup_new_transfer`] made for a transfer that never got a plan: its directory,
+/// its registry entry, and the directories `made` for it (deepest first, only if empty).
+fn undo_setup(td: &TransferDir, made: &[PathBuf], register: bool) {
+    let _ = std::fs::remove_dir_all(&td.path);
+    if register {
+        state::registry::remove(&td.id);
+    }
+    for d in made {
+        let _ = std::fs::remove_dir(d);
+    }
+}
+
+/// Name the transfer, make its state directory and take its lock. Returns the directories it had
+/// to make (deepest first), so a run that stops before its plan is durable leaves nothing behind.
 fn setup_new_transfer(
     opts: &CopyOptions,
-    layout: Layout,
     srcs: &[PathBuf],
     dst: &(PathBuf, OsString),
-) -> Result<(TransferDir, Lock)> {
+) -> Result<(TransferDir, Lock, Vec<PathBuf>)> {
     let id = match &opts.id {
         Some(id) => {
             state::validate_id(id)?;
@@ -375,18 +406,44 @@ fn setup_new_transfer(
             plan::absolute(&d)?
         }
     };
-    let _ = layout;
-    state::create_private_dir(&state_dir)?;
     let td = TransferDir::new(&state_dir, &id);
     if opts.register {
         state::registry::reserve(&td)?;
     }
+    let made: Vec<PathBuf> = state_dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && std::fs::symlink_metadata(d).is_err())
+        .map(Path::to_path_buf)
+        .collect();
+    let res = (|| {
+        state::create_private_dir(&state_dir)?;
+        make_transfer_dir(&td, &state_dir)?;
+        Lock::acquire(&td)
+    })();
+    match res {
+        Ok(lock) => Ok((td, lock, made)),
+        Err(e) => {
+            // A transfer directory that existed before is someone else's: keep it.
+            if e.class != ErrorClass::Usage || !td.path.is_dir() {
+                undo_setup(&td, &made, opts.register);
+            } else {
+                for d in &made {
+                    let _ = std::fs::remove_dir(d);
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+fn make_transfer_dir(td: &TransferDir, state_dir: &Path) -> Result<()> {
+    let id = &td.id;
     match std::fs::DirBuilder::new().create(&td.path) {
         Ok(()) => {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&td.path, std::fs::Permissions::from_mode(0o700))
                 .ctx("chmod", &td.path)?;
-            fsio::fsync_dir(&state_dir)?;
+            fsio::fsync_dir(state_dir)?;
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             return Err(Error::usage(format!(
@@ -397,8 +454,7 @@ fn setup_new_transfer(
         }
         Err(e) => return Err(Error::io("mkdir", &td.path, e)),
     }
-    let lock = Lock::acquire(&td)?;
-    Ok((td, lock))
+    Ok(())
 }
 
 fn walk_mine(
@@ -406,12 +462,15 @@ fn walk_mine(
     dst: &(PathBuf, OsString),
     td: &TransferDir,
     holder: Option<usize>,
-    _opts: &CopyOptions,
+    opts: &CopyOptions,
 ) -> Result<Vec<Entry>> {
     let roots = plan::roots(srcs, &dst.0, &dst.1)?;
     let state_dir = fsio::parent_of(&td.path).to_path_buf();
     let mut entries = Vec::new();
-    let mut report = plan::WalkReport::default();
+    let mut report = plan::WalkReport {
+        skip_special: opts.skip_special,
+        ..Default::default()
+    };
     for (s, d) in &roots {
         // Never copy ferry's own state: this transfer's, or an earlier one kept in the source.
         let exclude = vec![state_dir.clone(), s.join(".ferry")];
@@ -589,8 +648,9 @@ fn read_known(td: &TransferDir, plan: &Plan, crc: u32) -> Result<Known> {
     } else {
         journal::scan(td, plan, crc)?
     };
-    // A new run starts: the last run's outcome no longer describes the transfer.
-    if commit.is_none() && fsio::remove_file(&td.file(names::OUTCOME))? {
+    // A new run starts: the last run's outcome and stop notice no longer describe the transfer.
+    let stale_stop = fsio::remove_file(&td.file(names::STOP))?;
+    if commit.is_none() && fsio::remove_file(&td.file(names::OUTCOME))? || stale_stop {
         fsio::fsync_dir(&td.path)?;
     }
     let mut records: Vec<(u32, u64, u32)> = scan
@@ -738,16 +798,25 @@ fn execute(
         drop(lock);
         return Ok(sum);
     }
-    // Past the decision a cancel is refused: the run only moves forward.
-    let stopper = if known.decided {
-        Stopper::disabled()
-    } else {
-        Stopper::new(td.file(names::CANCEL_REQUEST))
+    let dest = {
+        let wp = if me == 0 { plan } else { &slice };
+        agree(comm, DestLock::acquire(&wp.dest_roots(me, n), true))
     };
-    let progress = engine::progress_or_default(run.progress.as_ref());
-    let res = run_phases(
-        comm, td, plan, &mut slice, &records, crc, run, &known, &stopper, &progress, &mut sum,
+    // Past the decision a cancel is refused: the run only moves forward. A signal, or a peer
+    // that stopped, still stops it (a resume finishes the commit).
+    let stop_notice = td.file(names::STOP);
+    stop::set_notice(Some(stop_notice.clone()));
+    let stopper = Stopper::new(
+        (!known.decided).then(|| td.file(names::CANCEL_REQUEST)),
+        Some(stop_notice),
     );
+    let progress = engine::progress_or_default(run.progress.as_ref());
+    let res = match &dest {
+        Ok(_) => run_phases(
+            comm, td, plan, &mut slice, &records, crc, run, &known, &stopper, &progress, &mut sum,
+        ),
+        Err(e) => Err(e.clone()),
+    };
     let wp = if me == 0 { plan } else { &slice };
     let res = match res {
         Ok(()) => Ok(()),
@@ -777,7 +846,9 @@ fn execute(
             Err(e)
         }
     };
+    stop::set_notice(None);
     sum.seconds = start.elapsed().as_secs_f64();
+    drop(dest);
     drop(lock);
     res.map(|()| sum)
 }
@@ -921,6 +992,7 @@ fn run_phases(
         journal: &journal,
         stopper,
         progress,
+        retry: run.retry,
     };
     let copied = engine::copy_units(&job, &pool, &work.copy);
     let copied = agree(comm, copied)?;
@@ -968,7 +1040,7 @@ fn run_phases(
         let mine: HashMap<u32, u32> = decode::<Vec<(u32, u32)>>(&comm.scatter(0, &parts)?)?
             .into_iter()
             .collect();
-        let v = engine::verify_units(wp, &pool, &work.verify, &mine, stopper);
+        let v = engine::verify_units(wp, &pool, &work.verify, &mine, stopper, run.retry);
         agree(comm, v)?;
     }
 

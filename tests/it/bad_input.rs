@@ -164,3 +164,601 @@ fn a_directory_onto_an_existing_file_is_refused_before_anything_is_made() {
     );
     assert_eq!(fs::read(s.path("taken")).unwrap(), b"a file");
 }
+
+/// Everything under `root` (but ferry's state directories), with each file's content hash, size,
+/// mode and mtime, and each symlink's target: two snapshots are equal only if nothing changed.
+fn snapshot(root: &std::path::Path) -> std::collections::BTreeMap<std::path::PathBuf, String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd {
+            let p = e.unwrap().path();
+            let md = fs::symlink_metadata(&p).unwrap();
+            let what = if md.is_dir() {
+                if p.file_name() == Some(std::ffi::OsStr::new(".ferry")) {
+                    continue;
+                }
+                stack.push(p.clone());
+                "dir".to_string()
+            } else if md.file_type().is_symlink() {
+                format!("link {:?}", fs::read_link(&p).unwrap())
+            } else if md.is_file() {
+                format!("file {:08x}", crc32fast::hash(&fs::read(&p).unwrap()))
+            } else {
+                "special".to_string()
+            };
+            out.insert(
+                p,
+                format!("{what} {} {:o} {}", md.size(), md.mode(), md.mtime()),
+            );
+        }
+    }
+    out
+}
+
+/// One wrong thing to do: `setup` prepares it in a scratch holding `src/` and `done/` (a
+/// committed copy of `src/` by transfer `base`) and returns the arguments; ferry must exit with
+/// `code`, name `class` and mention `names` in its error line, and change nothing.
+struct Case {
+    what: &'static str,
+    setup: fn(&Scratch) -> Vec<String>,
+    code: i32,
+    class: &'static str,
+    names: &'static str,
+}
+
+fn args(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
+/// Rewrite a framed state file's body (and its frame) with `f`.
+fn reframe(path: &std::path::Path, kind: &str, version: &str, f: impl Fn(String) -> String) {
+    let bytes = fs::read(path).unwrap();
+    let body = ferry::state::unframe(kind, &bytes, path).unwrap();
+    let body = f(String::from_utf8(body.to_vec()).unwrap());
+    let mut framed = ferry::state::frame(kind, body.as_bytes());
+    let nl = framed.iter().position(|&b| b == b'\n').unwrap();
+    let header = String::from_utf8(framed[..nl].to_vec()).unwrap();
+    let header = header.replacen(" 1 ", &format!(" {version} "), 1);
+    framed.splice(..nl, header.into_bytes());
+    fs::write(path, framed).unwrap();
+}
+
+/// A transfer `half` that looks interrupted before its commit decision (its decision and commit
+/// records removed; the destination files are there, as after a crash during the renames).
+fn interrupted(s: &Scratch, extra: &[&str]) {
+    let mut a = vec!["copy", "--id", "half"];
+    a.extend_from_slice(extra);
+    let o = s.run(&a);
+    expect_code(&o, 0);
+    fs::remove_file(s.path("half/.ferry/half/commit")).unwrap();
+    fs::remove_file(s.path("half/.ferry/half/decision")).unwrap();
+}
+
+fn cases() -> Vec<Case> {
+    vec![
+        // The command line.
+        Case {
+            what: "unknown flag",
+            setup: |_| args(&["copy", "--frobnicate", "src", "out"]),
+            code: 2,
+            class: "usage",
+            names: "--frobnicate",
+        },
+        Case {
+            what: "chunk size 0",
+            setup: |_| args(&["copy", "--chunk-size", "0", "src", "out"]),
+            code: 2,
+            class: "usage",
+            names: "chunk-size",
+        },
+        Case {
+            what: "chunk size with a bad unit",
+            setup: |_| args(&["copy", "--chunk-size", "12XB", "src", "out"]),
+            code: 2,
+            class: "usage",
+            names: "12XB",
+        },
+        Case {
+            what: "negative chunk size",
+            setup: |_| args(&["copy", "--chunk-size=-5", "src", "out"]),
+            code: 2,
+            class: "usage",
+            names: "-5",
+        },
+        Case {
+            what: "chunk size that overflows",
+            setup: |_| args(&["copy", "--chunk-size", "99999999999GiB", "src", "out"]),
+            code: 2,
+            class: "usage",
+            names: "99999999999GiB",
+        },
+        Case {
+            what: "zero threads",
+            setup: |_| args(&["copy", "--threads", "0", "src", "out"]),
+            code: 2,
+            class: "usage",
+            names: "threads",
+        },
+        Case {
+            what: "threads not a number",
+            setup: |_| args(&["copy", "--threads", "many", "src", "out"]),
+            code: 2,
+            class: "usage",
+            names: "many",
+        },
+        Case {
+            what: "zero ranks",
+            setup: |_| args(&["copy", "--ranks", "0", "src", "out"]),
+            code: 2,
+            class: "usage",
+            names: "ranks",
+        },
+        Case {
+            what: "unknown layout",
+            setup: |_| args(&["copy", "--layout", "diagonal", "src", "out"]),
+            code: 2,
+            class: "usage",
+            names: "diagonal",
+        },
+        Case {
+            what: "{rank} in the shared layout",
+            setup: |_| args(&["copy", "--layout", "shared", "src{rank}", "out"]),
+            code: 2,
+            class: "usage",
+            names: "{rank}",
+        },
+        Case {
+            what: "id with a slash",
+            setup: |_| args(&["copy", "--id", "a/b", "src", "out"]),
+            code: 2,
+            class: "usage",
+            names: "a/b",
+        },
+        Case {
+            what: "id starting with a dot",
+            setup: |_| args(&["copy", "--id", ".x", "src", "out"]),
+            code: 2,
+            class: "usage",
+            names: ".x",
+        },
+        Case {
+            what: "id too long",
+            setup: |_| args(&["copy", "--id", &"i".repeat(65), "src", "out"]),
+            code: 2,
+            class: "usage",
+            names: "iiii",
+        },
+        Case {
+            what: "no destination",
+            setup: |_| args(&["copy", "src"]),
+            code: 2,
+            class: "usage",
+            names: "",
+        },
+        Case {
+            what: "no command",
+            setup: |_| args(&[]),
+            code: 2,
+            class: "",
+            names: "",
+        },
+        Case {
+            what: "unknown command",
+            setup: |_| args(&["teleport", "src", "out"]),
+            code: 2,
+            class: "usage",
+            names: "teleport",
+        },
+        Case {
+            what: "zero retries",
+            setup: |_| args(&["copy", "--retries", "0", "src", "out"]),
+            code: 2,
+            class: "usage",
+            names: "retries",
+        },
+        Case {
+            what: "retry time not a duration",
+            setup: |_| args(&["copy", "--retry-time", "soon", "src", "out"]),
+            code: 2,
+            class: "usage",
+            names: "soon",
+        },
+        Case {
+            what: "--progress with --quiet",
+            setup: |_| args(&["copy", "--progress", "--quiet", "src", "out"]),
+            code: 2,
+            class: "usage",
+            names: "quiet",
+        },
+        // Sources.
+        Case {
+            what: "missing source",
+            setup: |_| args(&["copy", "nothing-here", "out"]),
+            code: 7,
+            class: "not-found",
+            names: "nothing-here",
+        },
+        Case {
+            what: "dangling symlink as the source",
+            setup: |s| {
+                std::os::unix::fs::symlink("gone", s.path("dangle")).unwrap();
+                args(&["copy", "dangle", "out"])
+            },
+            code: 7,
+            class: "not-found",
+            names: "dangle",
+        },
+        Case {
+            what: "symlink loop as the source",
+            setup: |s| {
+                std::os::unix::fs::symlink("loop", s.path("loop")).unwrap();
+                args(&["copy", "loop", "out"])
+            },
+            code: 2,
+            class: "usage",
+            names: "loop",
+        },
+        Case {
+            what: "FIFO in the source",
+            setup: |s| {
+                mkfifo(&s.path("src/sub/pipe"));
+                args(&["copy", "src", "out"])
+            },
+            code: 2,
+            class: "usage",
+            names: "sub/pipe",
+        },
+        Case {
+            what: "socket in the source",
+            setup: |s| {
+                std::os::unix::net::UnixListener::bind(s.path("src/sock")).unwrap();
+                args(&["copy", "src", "out"])
+            },
+            code: 2,
+            class: "usage",
+            names: "src/sock",
+        },
+        Case {
+            what: "device file in the source",
+            setup: |s| {
+                mknod_null(&s.path("src/null"));
+                args(&["copy", "src", "out"])
+            },
+            code: 2,
+            class: "usage",
+            names: "src/null",
+        },
+        Case {
+            what: "FIFO as the source",
+            setup: |s| {
+                mkfifo(&s.path("pipe"));
+                args(&["copy", "pipe", "out"])
+            },
+            code: 2,
+            class: "usage",
+            names: "pipe",
+        },
+        Case {
+            what: "overlapping sources",
+            setup: |_| args(&["copy", "src", "src/sub", "out"]),
+            code: 2,
+            class: "usage",
+            names: "src/sub",
+        },
+        Case {
+            what: "the same source twice",
+            setup: |_| args(&["copy", "src", "src", "out"]),
+            code: 2,
+            class: "usage",
+            names: "src",
+        },
+        // Destinations.
+        Case {
+            what: "destination inside the source",
+            setup: |_| args(&["copy", "src", "src/inner"]),
+            code: 2,
+            class: "usage",
+            names: "src/inner",
+        },
+        Case {
+            what: "destination equal to the source",
+            setup: |_| args(&["copy", "src", "src/."]),
+            code: 2,
+            class: "usage",
+            names: "src",
+        },
+        Case {
+            what: "source inside the destination",
+            setup: |_| args(&["copy", "src/sub", "."]),
+            code: 2,
+            class: "usage",
+            names: "src/sub",
+        },
+        Case {
+            what: "destination is an existing file",
+            setup: |s| {
+                fs::write(s.path("taken"), b"mine").unwrap();
+                args(&["copy", "src", "taken"])
+            },
+            code: 2,
+            class: "usage",
+            names: "taken",
+        },
+        Case {
+            what: "destination under a file",
+            setup: |s| {
+                fs::write(s.path("taken"), b"mine").unwrap();
+                args(&["copy", "src", "taken/out"])
+            },
+            code: 2,
+            class: "usage",
+            names: "taken",
+        },
+        Case {
+            what: "destination name longer than NAME_MAX",
+            setup: |_| args(&["copy", "src", &"n".repeat(256)]),
+            code: 2,
+            class: "usage",
+            names: "NAME_MAX",
+        },
+        Case {
+            what: "destination path longer than PATH_MAX",
+            setup: |_| args(&["copy", "src", &vec!["d".repeat(200); 21].join("/")]),
+            code: 2,
+            class: "usage",
+            names: "PATH_MAX",
+        },
+        Case {
+            what: "state dir that is a file",
+            setup: |s| {
+                fs::write(s.path("st"), b"mine").unwrap();
+                args(&["copy", "--state-dir", "st", "src", "out"])
+            },
+            code: 2,
+            class: "usage",
+            names: "st",
+        },
+        Case {
+            what: "two ranks planning one destination",
+            setup: |_| args(&["copy", "--ranks", "2", "--layout", "local", "src", "out"]),
+            code: 2,
+            class: "usage",
+            names: "out",
+        },
+        // Transfers.
+        Case {
+            what: "resume of an unknown id",
+            setup: |_| args(&["resume", "nope-1"]),
+            code: 2,
+            class: "usage",
+            names: "nope-1",
+        },
+        Case {
+            what: "status of an unknown id",
+            setup: |_| args(&["status", "nope-2"]),
+            code: 2,
+            class: "usage",
+            names: "nope-2",
+        },
+        Case {
+            what: "cancel of an unknown id",
+            setup: |_| args(&["cancel", "nope-3"]),
+            code: 2,
+            class: "usage",
+            names: "nope-3",
+        },
+        Case {
+            what: "verify of an unknown id",
+            setup: |_| args(&["verify", "nope-4"]),
+            code: 2,
+            class: "usage",
+            names: "nope-4",
+        },
+        Case {
+            what: "forget of an unknown id",
+            setup: |_| args(&["forget", "nope-5"]),
+            code: 2,
+            class: "usage",
+            names: "nope-5",
+        },
+        Case {
+            what: "an id that walks out of the state dir",
+            setup: |_| args(&["status", "../evil"]),
+            code: 2,
+            class: "usage",
+            names: "../evil",
+        },
+        Case {
+            what: "status of a forgotten id",
+            setup: |s| {
+                expect_code(&s.run(&["forget", "base"]), 0);
+                args(&["status", "base"])
+            },
+            code: 2,
+            class: "usage",
+            names: "base",
+        },
+        Case {
+            what: "resume of a forgotten id",
+            setup: |s| {
+                expect_code(&s.run(&["forget", "base"]), 0);
+                args(&["resume", "base"])
+            },
+            code: 2,
+            class: "usage",
+            names: "base",
+        },
+        Case {
+            what: "an id used before",
+            setup: |_| args(&["copy", "--id", "base", "src", "out"]),
+            code: 2,
+            class: "usage",
+            names: "base",
+        },
+        Case {
+            what: "cancel of a committed transfer",
+            setup: |_| args(&["cancel", "base"]),
+            code: 2,
+            class: "usage",
+            names: "committed",
+        },
+        Case {
+            what: "forget of an interrupted transfer",
+            setup: |s| {
+                interrupted(s, &["src", "half"]);
+                args(&["forget", "half"])
+            },
+            code: 2,
+            class: "usage",
+            names: "interrupted",
+        },
+        Case {
+            what: "verify of an uncommitted transfer",
+            setup: |s| {
+                interrupted(s, &["src", "half"]);
+                args(&["verify", "half"])
+            },
+            code: 2,
+            class: "usage",
+            names: "not committed",
+        },
+        Case {
+            what: "resume of a cancelled transfer",
+            setup: |s| {
+                interrupted(s, &["src", "half"]);
+                expect_code(&s.run(&["cancel", "half"]), 0);
+                args(&["resume", "half"])
+            },
+            code: 2,
+            class: "usage",
+            names: "cancelled",
+        },
+        Case {
+            what: "local layout resumed on another rank count",
+            setup: |s| {
+                for r in 0..2 {
+                    fs::create_dir_all(s.path(&format!("p{r}"))).unwrap();
+                    fs::write(s.path(&format!("p{r}/f")), b"x").unwrap();
+                }
+                interrupted(s, &["--ranks", "2", "p{rank}", "half/r{rank}"]);
+                args(&["resume", "half", "--ranks", "3"])
+            },
+            code: 2,
+            class: "usage",
+            names: "2 ranks",
+        },
+        Case {
+            what: "a plan from a newer ferry",
+            setup: |s| {
+                interrupted(s, &["src", "half"]);
+                reframe(&s.path("half/.ferry/half/plan"), "plan", "1", |b| {
+                    b.replacen("\"format\":1", "\"format\":99", 1)
+                });
+                args(&["resume", "half"])
+            },
+            code: 2,
+            class: "usage",
+            names: "newer ferry",
+        },
+        Case {
+            what: "a state record framed by a newer ferry (or damaged: its frame header has no checksum)",
+            setup: |s| {
+                interrupted(s, &["src", "half"]);
+                reframe(&s.path("half/.ferry/half/plan"), "plan", "7", |b| b);
+                args(&["resume", "half"])
+            },
+            code: 8,
+            class: "integrity",
+            names: "newer ferry",
+        },
+        Case {
+            what: "a damaged plan",
+            setup: |s| {
+                interrupted(s, &["src", "half"]);
+                let p = s.path("half/.ferry/half/plan");
+                let mut b = fs::read(&p).unwrap();
+                let n = b.len();
+                b[n - 5] ^= 0x20;
+                fs::write(&p, b).unwrap();
+                args(&["resume", "half"])
+            },
+            code: 8,
+            class: "integrity",
+            names: "plan",
+        },
+    ]
+}
+
+fn mkfifo(p: &std::path::Path) {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo(3) on a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+}
+
+fn mknod_null(p: &std::path::Path) {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mknod(2) of a character device like /dev/null (1, 3); the tests run as root.
+    let r = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o644, libc::makedev(1, 3)) };
+    assert_eq!(r, 0, "mknod: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn every_bad_input_gets_its_class_and_exit_code_and_changes_nothing() {
+    let cases = cases();
+    assert!(cases.len() >= 50, "{} cases", cases.len());
+    let mut failures = Vec::new();
+    for c in &cases {
+        let s = Scratch::new();
+        let mut r = Rng::new(11);
+        write_file(&s.path("src/a"), 10_000, &mut r);
+        write_file(&s.path("src/sub/b"), 3_000, &mut r);
+        write_file(&s.path("src/sub/c"), 0, &mut r);
+        expect_code(&s.run(&["copy", "--id", "base", "src", "done"]), 0);
+        let a = (c.setup)(&s);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let top = |s: &Scratch| -> Vec<_> {
+            let mut v: Vec<_> = fs::read_dir(s.dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .filter(|n| n != "home")
+                .collect();
+            v.sort();
+            v
+        };
+        let before = (snapshot(&s.path("src")), snapshot(&s.path("done")), top(&s));
+        let o = s.run(&a);
+        let after = (snapshot(&s.path("src")), snapshot(&s.path("done")), top(&s));
+        let line = first_error_line(&o);
+        let class = line
+            .strip_prefix("ferry: error: ")
+            .and_then(|l| l.split(':').next())
+            .unwrap_or("");
+        let mut why = Vec::new();
+        if code(&o) != c.code {
+            why.push(format!("exit {} (want {})", code(&o), c.code));
+        }
+        if class != c.class && !c.class.is_empty() {
+            why.push(format!("class '{class}' (want '{}')", c.class));
+        }
+        if !line.contains(c.names) {
+            why.push(format!("error line does not name '{}'", c.names));
+        }
+        if before != after {
+            why.push("something changed in src/, done/ or the scratch directory".into());
+        }
+        if !why.is_empty() {
+            failures.push(format!(
+                "{} ({:?}): {}\n    stderr: {}",
+                c.what,
+                a,
+                why.join("; "),
+                stderr(&o).trim()
+            ));
+        }
+    }
+    eprintln!("{} bad-input cases run", cases.len());
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

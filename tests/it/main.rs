@@ -9,6 +9,7 @@ mod bad_input;
 mod copy;
 #[cfg(feature = "failpoints")]
 mod corruption;
+mod faults;
 mod kill;
 mod layouts;
 #[cfg(feature = "failpoints")]

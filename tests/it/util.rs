@@ -453,10 +453,17 @@ impl SpawnTracked for Command {
                 for pid in pids {
                     let cmd = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
                     let cmd = String::from_utf8_lossy(&cmd);
-                    if cmd.contains("ferry") || cmd.contains("mpirun") || cmd.contains("srun") {
-                        // SAFETY: kill(2) on a pid we spawned; at worst it is already gone.
-                        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-                    }
+                    // A launcher passes SIGTERM on to its ranks; ferry itself gets SIGKILL, since
+                    // a run paused at a failpoint cannot finish the graceful stop SIGTERM asks for.
+                    let sig = if cmd.contains("mpirun") || cmd.contains("srun") {
+                        libc::SIGTERM
+                    } else if cmd.contains("ferry") {
+                        libc::SIGKILL
+                    } else {
+                        continue;
+                    };
+                    // SAFETY: kill(2) on a pid we spawned; at worst it is already gone.
+                    unsafe { libc::kill(pid as i32, sig) };
                 }
             }));
         });
@@ -511,4 +518,57 @@ impl Vanished {
             .unwrap();
         ferry::fsio::set_times_nofollow(self.path.parent().unwrap(), self.dir_mtime).unwrap();
     }
+}
+
+/// A tmpfs mounted for a test (real ENOSPC, real EROFS), unmounted when dropped.
+pub struct Tmpfs {
+    pub dir: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mount a tmpfs with `opts` (e.g. `size=4m`) at `dir`; `None` where mounting is not
+    /// permitted (the caller then falls back to another real fault).
+    pub fn mount(dir: &Path, opts: &str) -> Option<Tmpfs> {
+        fs::create_dir_all(dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+            .arg(dir)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Change its options (`size=64m`, `ro`, `rw`).
+    pub fn remount(&self, opts: &str) {
+        let st = Command::new("mount")
+            .args(["-o", &format!("remount,{opts}")])
+            .arg(&self.dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "remount {opts}");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+/// The first `ferry: error:` line of a run, and its class.
+pub fn error_line(o: &Output) -> (String, String) {
+    let line = stderr(o)
+        .lines()
+        .find(|l| l.starts_with("ferry: error:"))
+        .unwrap_or_default()
+        .to_string();
+    let class = line
+        .strip_prefix("ferry: error: ")
+        .and_then(|l| l.split(':').next())
+        .unwrap_or("")
+        .to_string();
+    (line, class)
 }
