@@ -114,25 +114,9 @@ fn make_sources(root: &Path) {
     std::os::unix::fs::symlink("d0/f0", root.join("ln")).unwrap();
 }
 
-fn cp_a(from: &Path, to: &Path) {
-    cp(from, to, "-a")
-}
-
 /// Mirror a tree with hard links (same inodes, same times).
 fn cp_al(from: &Path, to: &Path) {
     cp(from, to, "-al")
-}
-
-fn cp(from: &Path, to: &Path, how: &str) {
-    let _ = fs::remove_dir_all(to);
-    let ok = Command::new("cp")
-        .arg(how)
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "cp {how} {} {}", from.display(), to.display());
 }
 
 fn walk_names(d: &Path, out: &mut Vec<String>) {

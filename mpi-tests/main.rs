@@ -256,6 +256,85 @@ fn sigkill_of_any_rank_ends_the_job_and_resume_on_any_count_converges() {
 }
 
 #[test]
+fn a_signal_to_mpirun_or_to_one_rank_stops_every_rank_and_leaves_it_resumable() {
+    // Open MPI's mpirun forwards USR1 at once but passes TERM on to the ranks only about 2 s
+    // later (then KILLs them 1 s after): that case copies slowly enough to still be running.
+    for (to_launcher, sig, name, delay) in [
+        (true, libc::SIGUSR1, "SIGUSR1", 60),
+        (true, libc::SIGTERM, "SIGTERM", 150),
+        (false, libc::SIGTERM, "SIGTERM", 60),
+    ] {
+        let s = Scratch::new();
+        let src = sources(&s, 12, 2 << 20);
+        let state = s.path("dst/.ferry");
+        let mut c = mpirun(
+            &s,
+            4,
+            &[
+                "copy",
+                "--chunk-size",
+                "256K",
+                "--threads",
+                "1",
+                "src",
+                "dst",
+            ],
+        );
+        c.env(
+            "FERRY_FAILPOINTS",
+            format!("copy::unit_written=delay({delay})"),
+        );
+        let mut child = c
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn_tracked();
+        let id = read_id(&mut child);
+        let td = TransferDir::new(&state, &id);
+        wait_for(DEADLINE, || ferry::status::status(&td).bytes_done > 0);
+        let pid = if to_launcher {
+            child.id() as i32
+        } else {
+            rank_pid(&s, "OMPI_COMM_WORLD_RANK", 2).expect("rank pid")
+        };
+        // SAFETY: kill(2) of a process this test started.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+        let t0 = Instant::now();
+        let o = wait_deadline(child, DEATH_BOUND);
+        let who = if to_launcher { "mpirun" } else { "rank 2" };
+        eprintln!(
+            "{name} to {who}: job ended in {:?} (exit {:?})",
+            t0.elapsed(),
+            o.status.code()
+        );
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{err}");
+        let st = ferry::status::status(&td);
+        assert_eq!(
+            st.state,
+            ferry::State::Interrupted,
+            "{name} to {who}: {err}"
+        );
+        assert!(st.bytes_done < st.bytes_total, "{st:?}");
+        assert!(!committed(&state, &id));
+        assert_no_torn_finals(&src, &s.path("dst"));
+        // Every rank stopped gracefully, and rank 0 printed why (naming the rank that got the
+        // signal when only one did).
+        assert!(err.contains(&format!("stopped by {name}")), "{err}");
+        if sig == libc::SIGUSR1 || !to_launcher {
+            assert_eq!(o.status.code(), Some(3), "{err}");
+        }
+        if !to_launcher {
+            assert!(err.contains("[rank 2]"), "{err}");
+        }
+        let o = run(&s, 2, &["resume", &id, "--json"], None);
+        expect_code(&o, 0);
+        let sum: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert!(sum["bytes_reused"].as_u64().unwrap() > 0, "{sum}");
+        assert_same_tree(&src, &s.path("dst"));
+    }
+}
+
+#[test]
 fn an_error_on_one_rank_reaches_every_rank_and_a_resume_completes_once_fixed() {
     let s = Scratch::new();
     let mut r = Rng::new(5);

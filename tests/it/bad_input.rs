@@ -762,3 +762,94 @@ fn every_bad_input_gets_its_class_and_exit_code_and_changes_nothing() {
     eprintln!("{} bad-input cases run", cases.len());
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+#[test]
+fn awkward_but_valid_sources_are_copied_exactly() {
+    let s = Scratch::new();
+    let src = s.path("src");
+    let mut r = Rng::new(13);
+    // A newline in a name, a name of NAME_MAX bytes, a path near PATH_MAX, links that loop or
+    // dangle inside the tree (copied as links, never followed).
+    write_file(&src.join("two\nlines"), 1000, &mut r);
+    write_file(&src.join("x".repeat(255)), 2000, &mut r);
+    let deep: std::path::PathBuf = std::iter::repeat_n("d".repeat(250), 14).collect();
+    let deep = src.join(deep).join("leaf");
+    assert!(deep.as_os_str().len() > 3500, "{}", deep.as_os_str().len());
+    write_file(&deep, 3000, &mut r);
+    std::os::unix::fs::symlink("loop", src.join("loop")).unwrap();
+    std::os::unix::fs::symlink("nowhere/at/all", src.join("dangling")).unwrap();
+    let o = s.run(&["copy", "src", "d"]);
+    expect_code(&o, 0);
+    assert_same_tree(&src, &s.path("d"));
+
+    // A FIFO, left out with --skip-special and a warning naming it.
+    mkfifo(&src.join("pipe"));
+    let o = s.run(&["copy", "--skip-special", "src", "d2"]);
+    expect_code(&o, 0);
+    assert!(stderr(&o).contains("src/pipe"), "{}", stderr(&o));
+    assert!(fs::symlink_metadata(s.path("d2/pipe")).is_err());
+    fs::remove_file(src.join("pipe")).unwrap();
+    assert_same_tree(&src, &s.path("d2"));
+}
+
+#[test]
+fn delete_source_across_file_systems_copies_then_removes() {
+    let s = Scratch::new();
+    let Some(other) = Tmpfs::mount(&s.path("bb"), "size=16m") else {
+        panic!("mounting a tmpfs is not permitted here: the cross-file-system case cannot run");
+    };
+    let src = other.dir.join("ckpt");
+    let mut r = Rng::new(14);
+    write_file(&src.join("rank0.dat"), 3 << 20, &mut r);
+    write_file(&src.join("meta/info"), 100, &mut r);
+    let keep = s.path("keep");
+    cp_a(&src, &keep);
+    let o = s.run(&["copy", "--delete-source", "--json", "bb/ckpt", "pfs/ckpt"]);
+    expect_code(&o, 0);
+    let sum: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(sum["sources_removed"], true, "{sum}");
+    assert!(
+        !src.exists(),
+        "the source is gone once the copy is committed"
+    );
+    assert_same_tree(&keep, &s.path("pfs/ckpt"));
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_running_transfer_cannot_be_forgotten_nor_joined_by_another_into_its_destination() {
+    let s = Scratch::new();
+    let mut r = Rng::new(15);
+    write_file(&s.path("src/a"), 200_000, &mut r);
+    write_file(&s.path("other/b"), 1000, &mut r);
+    let mut child = s
+        .ferry()
+        .args(["copy", "--id", "run", "src", "dst"])
+        .env("FERRY_FAILPOINTS", "copy::unit_synced=pause")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn_tracked();
+    s.wait_paused(&mut child);
+    let before = snapshot(&s.path("src"));
+    // A second transfer into the same destination, with its own state dir.
+    let o = s.run(&["copy", "--id", "two", "--state-dir", "st2", "other", "dst"]);
+    expect_code(&o, 2);
+    let (line, class) = error_line(&o);
+    assert_eq!(class, "usage", "{line}");
+    assert!(
+        line.contains("dst") && line.contains("another ferry transfer"),
+        "{line}"
+    );
+    assert!(!s.path("dst/b").exists() && !s.path("st2/two").exists());
+    // Forgetting the running one is refused.
+    let o = s.run(&["forget", "run"]);
+    expect_code(&o, 2);
+    assert!(first_error_line(&o).contains("run"), "{}", stderr(&o));
+    s.release();
+    wait_for(std::time::Duration::from_secs(60), || {
+        child.try_wait().unwrap().is_some()
+    });
+    assert!(child.wait().unwrap().success());
+    assert_eq!(snapshot(&s.path("src")), before);
+    assert_same_tree(&s.path("src"), &s.path("dst"));
+}

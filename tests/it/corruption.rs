@@ -5,20 +5,8 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::Command;
 
 use crate::util::*;
-
-fn cp_a(from: &Path, to: &Path) {
-    let _ = fs::remove_dir_all(to);
-    assert!(Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap()
-        .success());
-}
 
 /// Something done to a file's bytes.
 type Mutate = Box<dyn Fn(&mut Vec<u8>)>;

@@ -14,3 +14,5 @@ mod kill;
 mod layouts;
 #[cfg(feature = "failpoints")]
 mod lifecycle;
+#[cfg(feature = "failpoints")]
+mod signals;

@@ -572,3 +572,21 @@ pub fn error_line(o: &Output) -> (String, String) {
         .to_string();
     (line, class)
 }
+
+/// `cp HOW FROM TO` (e.g. `-a`, `-al`) after removing TO.
+pub fn cp(from: &Path, to: &Path, how: &str) {
+    let _ = fs::remove_dir_all(to);
+    let ok = Command::new("cp")
+        .arg(how)
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "cp {how} {} {}", from.display(), to.display());
+}
+
+/// `cp -a FROM TO` after removing TO.
+pub fn cp_a(from: &Path, to: &Path) {
+    cp(from, to, "-a")
+}
