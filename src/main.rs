@@ -268,6 +268,7 @@ fn main() {
     };
     init_log(cli.verbose, quiet);
     let collective = matches!(cli.cmd, Cmd::Copy { .. } | Cmd::Resume { .. });
+    let copying = matches!(cli.cmd, Cmd::Copy { .. });
 
     #[cfg(feature = "mpi")]
     let mpi = if collective && ferry::mpi_comm::launched() {
@@ -313,6 +314,12 @@ fn main() {
                 // Name the transfer in the hint once it has one.
                 let hint = match ANNOUNCED.lock().ok().and_then(|a| a.clone()) {
                     Some(id) => e.hint().replace("<ID>", &id),
+                    // A copy that stopped before its plan was durable left nothing to resume.
+                    None if copying && e.hint().contains("ferry resume") => {
+                        "nothing was copied and no transfer was made; fix that and run the same \
+                         command again"
+                            .to_string()
+                    }
                     None => e.hint().to_string(),
                 };
                 eprintln!("ferry: error: {e}\n  hint: {hint}");
