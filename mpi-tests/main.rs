@@ -83,6 +83,14 @@ fn rank_pid(s: &Scratch, rank_var: &str, rank: usize) -> Option<i32> {
     None
 }
 
+/// Wait until no process of this scratch's job is left (a rank killed while in the kernel, e.g.
+/// in an fsync, may outlive mpirun's exit by a moment, and its lock with it).
+fn wait_job_gone(s: &Scratch, ranks: usize) {
+    wait_for(DEATH_BOUND, || {
+        (0..ranks).all(|r| rank_pid(s, "OMPI_COMM_WORLD_RANK", r).is_none())
+    });
+}
+
 fn sources(s: &Scratch, files: usize, size: u64) -> PathBuf {
     let src = s.path("src");
     let mut r = Rng::new(3);
@@ -243,9 +251,16 @@ fn sigkill_of_any_rank_ends_the_job_and_resume_on_any_count_converges() {
             o.status.code()
         );
         assert!(!o.status.success());
+        wait_job_gone(&s, 4);
         assert!(!committed(&state, &id), "no commit after a rank died");
         assert_no_torn_finals(&src, &s.path("dst"));
-        assert_eq!(ferry::status::status(&td).state, ferry::State::Interrupted);
+        let st = ferry::status::status(&td);
+        assert_eq!(
+            st.state,
+            ferry::State::Interrupted,
+            "{st:?}\n{}",
+            stderr(&o)
+        );
         let o = run(&s, again, &["resume", &id, "--json"], None);
         expect_code(&o, 0);
         let sum: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -308,6 +323,7 @@ fn a_signal_to_mpirun_or_to_one_rank_stops_every_rank_and_leaves_it_resumable() 
         );
         let err = stderr(&o);
         assert!(!o.status.success(), "{err}");
+        wait_job_gone(&s, 4);
         let st = ferry::status::status(&td);
         assert_eq!(
             st.state,

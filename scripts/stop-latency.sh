@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 FERRY=${FERRY:-target/release/ferry}
 N=${N:-10}
 RANKS=${RANKS:-4}
-SIZE_MB=${SIZE_MB:-256}   # per file; 8 files
+SIZE_MB=${SIZE_MB:-512}   # per file; 8 files
 [ -x "$FERRY" ] || { echo "no ferry binary at $FERRY (cargo build --release)" >&2; exit 2; }
 FERRY=$(realpath "$FERRY")
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1

@@ -47,6 +47,8 @@ pub fn sync_temp_dirs(plan: &Plan, me: usize, n: usize) -> Result<()> {
 pub fn finalize_entries(plan: &Plan, me: usize, n: usize) -> Result<()> {
     let mut dirs = BTreeSet::new();
     for e in owned(plan, me, n, Kind::File) {
+        // A signal stops the renames too: the decision is durable, so a resume finishes them.
+        crate::stop::check_signal()?;
         let ent = plan.entry(e);
         dirs.insert(fsio::parent_of(&ent.dst).to_path_buf());
         let tmp = crate::engine::temp_path(plan, e);

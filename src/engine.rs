@@ -162,6 +162,8 @@ fn copy_unit(job: &CopyJob, u: u32) -> Result<(UnitDone, Option<PathBuf>)> {
         )
     })?;
     failpoints::io("copy::unit_written", &tmp)?;
+    // A run that must stop abandons the unit rather than wait for its fsync.
+    job.stopper.check()?;
     fsio::sync_data(&dst, &tmp)?;
     failpoints::io("copy::unit_synced", &tmp)?;
     let after = src.metadata().ctx("stat", &e.src)?;

@@ -305,6 +305,7 @@ fn main() {
         }
     }
     let result = run(cli, launch);
+    ferry::stop::finishing();
     let (rank, size) = comm::thread_rank();
     let code = match &result {
         Ok(code) => *code,

@@ -86,6 +86,9 @@ fn install_panic_hook(rank: usize, size: usize) {
 }
 
 /// Wait for a request without spinning a core: poll quickly at first, then every millisecond.
+/// A rank that was signalled and still waits for its peers after `stop::GRACE` ends the job:
+/// a peer that does not come has died, and waiting for the launcher's kill can take Slurm's
+/// KillWait (30 s by default). Everything the rank made durable stays; the transfer is resumable.
 fn wait_polled<'a, R: ?Sized, S: Scope<'a>>(mut req: Request<'a, R, S>) {
     let mut polls = 0u32;
     loop {
@@ -94,6 +97,22 @@ fn wait_polled<'a, R: ?Sized, S: Scope<'a>>(mut req: Request<'a, R, S>) {
             Err(r) => req = r,
         }
         polls += 1;
+        if polls.is_multiple_of(128) && crate::stop::grace_expired() {
+            let (rank, size) = crate::comm::thread_rank();
+            eprintln!(
+                "ferry r{rank}/{size}: stopping, but a peer rank has not answered within {:?} of \
+                 the signal (it may have died): ending the job; the transfer is resumable",
+                crate::stop::GRACE
+            );
+            // SAFETY: MPI is initialised (this rank is waiting on an MPI request); MPI_Abort
+            // does not return. RSMPI_COMM_WORLD is the predefined world communicator.
+            unsafe {
+                mpi::ffi::MPI_Abort(
+                    mpi::ffi::RSMPI_COMM_WORLD,
+                    ErrorClass::Interrupted.exit_code(),
+                );
+            }
+        }
         if polls < 64 {
             std::thread::yield_now();
         } else {

@@ -39,7 +39,17 @@ pub const SIGNALS: [i32; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGUSR1];
 
 /// The first stopping signal this process received (0: none).
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
+/// When this process noticed its first stopping signal.
+static SIGNAL_AT: Mutex<Option<Instant>> = Mutex::new(None);
+
+/// How long a signalled rank waits in a collective for its peers before it gives up on them and
+/// ends the job: healthy peers stop within a poll interval plus the fsync in flight; a peer that
+/// does not come has died, and the launcher may only kill the job after its grace time (Slurm's
+/// KillWait, 30 s by default).
+pub const GRACE: Duration = Duration::from_secs(1);
 static INSTALLED: AtomicBool = AtomicBool::new(false);
+/// The run is over and the process is ending: a further signal ends it quietly.
+static FINISHING: AtomicBool = AtomicBool::new(false);
 /// The rank this process speaks for in stop notices.
 static RANK: AtomicUsize = AtomicUsize::new(0);
 /// The stop notice of the transfer this process is running, once it is known.
@@ -75,6 +85,16 @@ fn signalled(sig: i32) -> Error {
     )
     .with_op("signal")
     .on_rank(RANK.load(Ordering::Relaxed))
+}
+
+/// Whether a stopping signal arrived more than [`GRACE`] ago: a rank still waiting for its peers
+/// then stops waiting (see `mpi_comm`).
+pub fn grace_expired() -> bool {
+    if signal().is_none() {
+        return false;
+    }
+    let mut at = SIGNAL_AT.lock().unwrap_or_else(|e| e.into_inner());
+    at.get_or_insert_with(Instant::now).elapsed() > GRACE
 }
 
 /// `Err(interrupted)` once this process received a stopping signal.
@@ -120,8 +140,10 @@ pub fn install_signal_handlers(rank: usize) -> Result<()> {
                     .compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst)
                     .is_err()
                 {
-                    let msg = b"ferry: second signal: exiting now; the transfer stays resumable (ferry resume ID)\n";
-                    libc::write(2, msg.as_ptr().cast(), msg.len());
+                    if !FINISHING.load(Ordering::SeqCst) {
+                        let msg = b"ferry: second signal: exiting now; the transfer stays resumable (ferry resume ID)\n";
+                        libc::write(2, msg.as_ptr().cast(), msg.len());
+                    }
                     libc::_exit(ErrorClass::Interrupted.exit_code());
                 }
             })
@@ -135,7 +157,11 @@ pub fn install_signal_handlers(rank: usize) -> Result<()> {
             crate::comm::set_thread_rank(r, size);
             let mut b = [0u8; 1];
             while matches!(wake.read(&mut b), Ok(1)) {
-                if let Some(s) = signal() {
+                if let Some(s) = signal().filter(|_| !FINISHING.load(Ordering::SeqCst)) {
+                    SIGNAL_AT
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_or_insert_with(Instant::now);
                     log::warn!(
                         "received {}: stopping every rank; the transfer stays resumable \
                          (a second signal exits at once)",
@@ -147,6 +173,12 @@ pub fn install_signal_handlers(rank: usize) -> Result<()> {
         })
         .map_err(io)?;
     Ok(())
+}
+
+/// The run is over (its outcome printed and recorded): a signal from now on, such as the SIGTERM
+/// a launcher sends the other ranks once one exits, ends the process without a message.
+pub fn finishing() {
+    FINISHING.store(true, Ordering::SeqCst);
 }
 
 /// What a stop notice says: who stopped first and why.

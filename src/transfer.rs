@@ -843,6 +843,11 @@ fn execute(
                     log::warn!("could not record the failure: {w}");
                 }
             }
+            // An error every rank agreed on: no rank leaves before rank 0 recorded it (a launcher
+            // ends the whole job as soon as one rank exits with an error).
+            if e.rank.is_some() {
+                let _ = comm.barrier();
+            }
             Err(e)
         }
     };
