@@ -190,7 +190,10 @@ mod imp {
         let reg = registry();
         let rank = crate::comm::thread_rank().0;
         if reg.list {
-            eprintln!("failpoint {name} r{rank}");
+            // One write per line: under a launcher, ranks' stderr chunks interleave.
+            use std::io::Write;
+            let line = format!("failpoint {name} r{rank}\n");
+            let _ = std::io::stderr().write_all(line.as_bytes());
         }
         let Some(p) = reg
             .points

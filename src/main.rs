@@ -190,11 +190,9 @@ impl log::Log for Logger {
             log::Level::Debug => "debug",
             log::Level::Trace => "trace",
         };
-        let _ = writeln!(
-            std::io::stderr(),
-            "ferry r{rank}/{size} {level}: {}",
-            r.args()
-        );
+        // One write per line: under a launcher, ranks' stderr chunks interleave.
+        let line = format!("ferry r{rank}/{size} {level}: {}\n", r.args());
+        let _ = std::io::stderr().write_all(line.as_bytes());
     }
     fn flush(&self) {}
 }
@@ -323,7 +321,8 @@ fn main() {
                     }
                     None => e.hint().to_string(),
                 };
-                eprintln!("ferry: error: {e}\n  hint: {hint}");
+                let msg = format!("ferry: error: {e}\n  hint: {hint}\n");
+                let _ = std::io::stderr().write_all(msg.as_bytes());
                 if json {
                     let v = serde_json::json!({
                         "error": e, "hint": hint, "exit_code": e.exit_code()

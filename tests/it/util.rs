@@ -434,10 +434,11 @@ pub fn temps_in(dst: &Path) -> Vec<PathBuf> {
     out
 }
 
-static CHILDREN: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+static CHILDREN: std::sync::Mutex<Vec<(std::thread::ThreadId, u32)>> =
+    std::sync::Mutex::new(Vec::new());
 
-/// Spawn and remember the child: if any test panics, every remembered ferry, mpirun or srun still
-/// running gets SIGTERM, so a failed test never leaves a paused run behind.
+/// Spawn and remember the child: if the test panics, every ferry, mpirun or srun it started that
+/// is still running is stopped, so a failed test never leaves a paused run behind.
 pub trait SpawnTracked {
     fn spawn_tracked(&mut self) -> Child;
 }
@@ -449,7 +450,12 @@ impl SpawnTracked for Command {
             let default = std::panic::take_hook();
             std::panic::set_hook(Box::new(move |info| {
                 default(info);
-                let pids = CHILDREN.lock().map(|v| v.clone()).unwrap_or_default();
+                // Only the panicking test's children: the tests running beside it go on.
+                let me = std::thread::current().id();
+                let pids: Vec<u32> = CHILDREN
+                    .lock()
+                    .map(|v| v.iter().filter(|c| c.0 == me).map(|c| c.1).collect())
+                    .unwrap_or_default();
                 for pid in pids {
                     let cmd = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
                     let cmd = String::from_utf8_lossy(&cmd);
@@ -468,7 +474,10 @@ impl SpawnTracked for Command {
             }));
         });
         let child = self.spawn().unwrap();
-        CHILDREN.lock().unwrap().push(child.id());
+        CHILDREN
+            .lock()
+            .unwrap()
+            .push((std::thread::current().id(), child.id()));
         child
     }
 }
