@@ -5,7 +5,7 @@ CARGO ?= cargo
 # Integration tests copy GiBs; keep their scratch space on the same disk as the checkout.
 export FERRY_TEST_TMP ?= $(CARGO_TARGET_DIR)/test-tmp
 
-.PHONY: all deps build release test lint unit demo clean crash-matrix
+.PHONY: all deps build release test lint unit demo clean crash-matrix bench
 
 all: build
 
@@ -45,6 +45,15 @@ crash-matrix: deps
 	mkdir -p $(FERRY_TEST_TMP)
 	FERRY_CRASH_TIER=full $(CARGO) test --features failpoints --test crash_matrix -- --nocapture
 	rm -rf $(FERRY_TEST_TMP)
+
+# Benchmarks (root, 2 cores, ~40 min at full scale; FERRY_BENCH_SCALE=0.1 for a quick look):
+# criterion micro-benchmarks, plan building at 1e6 and 1e7 files, then the end-to-end
+# comparison with cp, rsync and the raw limit. Tables go to target/bench/*.md.
+bench: deps
+	mkdir -p $(CARGO_TARGET_DIR)/bench
+	$(CARGO) bench --bench micro 2>&1 | tee $(CARGO_TARGET_DIR)/bench/micro.txt
+	$(CARGO) bench --bench scale | tee $(CARGO_TARGET_DIR)/bench/scale.md
+	$(CARGO) bench --bench e2e
 
 demo: release
 	bash scripts/demo.sh

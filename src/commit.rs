@@ -3,8 +3,8 @@
 //!
 //! Everything here runs after rank 0 durably recorded the decision (every unit of the plan is
 //! durable under a temporary name). Each rank finalises the entries it owns ([`Plan::owner`]):
-//! a file gets its mode and times, is fsynced and renamed over its final name, and the directory
-//! is fsynced; a symlink is made under a temporary name and renamed likewise. Then each rank
+//! a file gets its mode and times, is fsynced (small files: all of them at once, with one
+//! `syncfs`) and renamed over its final name, and the directory is fsynced; a symlink is made under a temporary name and renamed likewise. Then each rank
 //! checks with a stat that each of its final names has its planned size (or target), so a file
 //! replaced behind ferry's back is reported as `integrity` and never committed. Directories get
 //! their modes and times deepest first, once their contents are in place. The commit record,
@@ -13,6 +13,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
 use crate::error::{Error, IoContext, Result};
@@ -46,6 +47,10 @@ pub fn sync_temp_dirs(plan: &Plan, me: usize, n: usize) -> Result<()> {
 /// commit record vouches for can be lost.
 pub fn finalize_entries(plan: &Plan, me: usize, n: usize) -> Result<()> {
     let mut dirs = BTreeSet::new();
+    // Small files get their metadata without an fsync each; one syncfs per file system makes
+    // them durable together, before any of them is renamed.
+    let mut batch: Vec<(usize, PathBuf)> = Vec::new();
+    let mut file_systems: HashMap<u64, PathBuf> = HashMap::new();
     for e in owned(plan, me, n, Kind::File) {
         // A signal stops the renames too: the decision is durable, so a resume finishes them.
         crate::stop::check_signal()?;
@@ -54,7 +59,15 @@ pub fn finalize_entries(plan: &Plan, me: usize, n: usize) -> Result<()> {
         let tmp = crate::engine::temp_path(plan, e);
         match fs::symlink_metadata(&tmp) {
             Ok(md) if md.is_file() => {
-                fsio::finish_file(&tmp, ent.mode, ent.mtime)?;
+                let small = ent.size < crate::engine::SMALL_UNIT;
+                fsio::finish_file(&tmp, ent.mode, ent.mtime, !small)?;
+                if small {
+                    file_systems
+                        .entry(md.dev())
+                        .or_insert_with(|| fsio::parent_of(&tmp).to_path_buf());
+                    batch.push((e, tmp));
+                    continue;
+                }
                 failpoints::io("commit::file_finished", &tmp)?;
                 fsio::rename(&tmp, &ent.dst)?;
                 failpoints::io("commit::renamed", &ent.dst)?;
@@ -69,6 +82,15 @@ pub fn finalize_entries(plan: &Plan, me: usize, n: usize) -> Result<()> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io("stat", &tmp, e)),
         }
+    }
+    for dir in file_systems.values() {
+        fsio::sync_fs(dir)?;
+    }
+    for (e, tmp) in batch {
+        crate::stop::check_signal()?;
+        failpoints::io("commit::file_finished", &tmp)?;
+        fsio::rename(&tmp, &plan.entry(e).dst)?;
+        failpoints::io("commit::renamed", &plan.entry(e).dst)?;
     }
     for e in owned(plan, me, n, Kind::Symlink) {
         let ent = plan.entry(e);

@@ -14,6 +14,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
@@ -27,6 +28,15 @@ pub use crate::stop::Stopper;
 
 /// Bytes moved per read/write call.
 pub const BUF_SIZE: usize = 4 << 20;
+/// Units shorter than this are not fsynced one by one: a rank makes them durable in batches, with
+/// one `syncfs` of the destination file system per batch (no fsync storm for many small files).
+pub const SMALL_UNIT: u64 = 8 << 20;
+/// A batch of small units is synced once it holds this many bytes...
+const BATCH_BYTES: u64 = 128 << 20;
+/// ...or this many units...
+const BATCH_UNITS: usize = 1024;
+/// ...or its oldest unit is this old.
+const BATCH_AGE: Duration = Duration::from_millis(500);
 /// Bytes done and total, shared by every rank in this process (for the progress bar).
 #[derive(Debug, Default)]
 pub struct Progress {
@@ -75,19 +85,108 @@ pub struct CopyJob<'a> {
 /// is still flushed, so finished units need not be redone, and the peers are told to stop.
 pub fn copy_units(job: &CopyJob, pool: &rayon::ThreadPool, units: &[u32]) -> Result<Vec<UnitDone>> {
     let done = Mutex::new(Vec::with_capacity(units.len()));
+    let batch = SyncBatch::default();
     let res = pool.install(|| {
-        par_units(units, job.stopper, |u| {
-            let (rec, created_in) = copy_unit(job, u)?;
-            job.journal.record(rec, created_in.as_deref())?;
-            job.progress.done.fetch_add(rec.len, Ordering::Relaxed);
-            done.lock().unwrap_or_else(|e| e.into_inner()).push(rec);
-            Ok(())
+        par_units(units, job.stopper, |u| match copy_unit(job, u)? {
+            Copied::Synced(rec, created_in) => {
+                job.journal.record(rec, created_in.as_deref())?;
+                job.progress.done.fetch_add(rec.len, Ordering::Relaxed);
+                done.lock().unwrap_or_else(|e| e.into_inner()).push(rec);
+                Ok(())
+            }
+            Copied::Unsynced(rec, dev, tmp) => {
+                if let Some(recs) = batch.add(rec, dev, tmp) {
+                    done.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .extend(batch.sync(job, recs)?);
+                }
+                Ok(())
+            }
         })
     });
+    // Small units still waiting for their sync are made durable and journaled now — also after
+    // an error or a stop, so what was copied need not be redone (if that sync fails too, they are
+    // simply not journaled, and the resume redoes them).
+    let pending = batch.take();
+    let res = match (res, batch.sync(job, pending)) {
+        (Ok(()), Ok(recs)) => {
+            done.lock().unwrap_or_else(|e| e.into_inner()).extend(recs);
+            Ok(())
+        }
+        (Ok(()), Err(e)) => Err(e),
+        (Err(e), synced) => {
+            if let Err(also) = synced {
+                log::debug!("the units copied before the error were not journaled: {also}");
+            }
+            Err(e)
+        }
+    };
     let flushed = job.journal.flush();
     res?;
     flushed?;
     Ok(done.into_inner().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// What copying a unit left: synced on its own (with the directory of its temporary file if this
+/// copy created it), or written but waiting for its batch's `syncfs` (with the file system it is
+/// on and a path there).
+enum Copied {
+    Synced(UnitDone, Option<PathBuf>),
+    Unsynced(UnitDone, u64, PathBuf),
+}
+
+/// Small units written but not yet durable.
+#[derive(Default)]
+struct SyncBatch {
+    pending: Mutex<Pending>,
+}
+
+#[derive(Default)]
+struct Pending {
+    recs: Vec<UnitDone>,
+    bytes: u64,
+    since: Option<Instant>,
+    /// One directory on each file system the units were written to (by device number).
+    fs: HashMap<u64, PathBuf>,
+}
+
+impl SyncBatch {
+    /// Add a written unit; returns the batch to sync if it is full or old enough.
+    fn add(&self, rec: UnitDone, dev: u64, tmp: PathBuf) -> Option<Pending> {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.recs.push(rec);
+        p.bytes += rec.len;
+        p.since.get_or_insert_with(Instant::now);
+        p.fs.entry(dev)
+            .or_insert_with(|| fsio::parent_of(&tmp).to_path_buf());
+        let due = p.bytes >= BATCH_BYTES
+            || p.recs.len() >= BATCH_UNITS
+            || p.since.is_some_and(|t| t.elapsed() >= BATCH_AGE);
+        due.then(|| std::mem::take(&mut *p))
+    }
+
+    /// Everything pending.
+    fn take(&self) -> Pending {
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Make a batch durable (one `syncfs` per file system it touched: data, temporary names),
+    /// then journal it; returns its records.
+    fn sync(&self, job: &CopyJob, p: Pending) -> Result<Vec<UnitDone>> {
+        if p.recs.is_empty() {
+            return Ok(Vec::new());
+        }
+        for dir in p.fs.values() {
+            fsio::sync_fs(dir)?;
+        }
+        for r in &p.recs {
+            let e = job.plan.unit(r.unit).entry as usize;
+            failpoints::io("copy::unit_synced", &temp_path(job.plan, e))?;
+        }
+        job.journal.record_synced(&p.recs)?;
+        job.progress.done.fetch_add(p.bytes, Ordering::Relaxed);
+        Ok(p.recs)
+    }
 }
 
 /// Run `f` on every unit with the pool's threads until one fails or the run must stop. The error
@@ -132,8 +231,9 @@ fn changed(e: &Entry, md: &fs::Metadata) -> Error {
     .with_op("copy")
 }
 
-/// Copy one unit; returns its record and, if this call created the temporary file, its directory.
-fn copy_unit(job: &CopyJob, u: u32) -> Result<(UnitDone, Option<PathBuf>)> {
+/// Copy one unit into its temporary file. A large unit is fsynced here; a small one is left for
+/// its batch's `syncfs`.
+fn copy_unit(job: &CopyJob, u: u32) -> Result<Copied> {
     let plan = job.plan;
     let unit = plan.unit(u);
     let e = plan.entry(unit.entry as usize);
@@ -162,10 +262,13 @@ fn copy_unit(job: &CopyJob, u: u32) -> Result<(UnitDone, Option<PathBuf>)> {
         )
     })?;
     failpoints::io("copy::unit_written", &tmp)?;
-    // A run that must stop abandons the unit rather than wait for its fsync.
-    job.stopper.check()?;
-    fsio::sync_data(&dst, &tmp)?;
-    failpoints::io("copy::unit_synced", &tmp)?;
+    let small = unit.len < SMALL_UNIT;
+    if !small {
+        // A run that must stop abandons the unit rather than wait for its fsync.
+        job.stopper.check()?;
+        fsio::sync_data(&dst, &tmp)?;
+        failpoints::io("copy::unit_synced", &tmp)?;
+    }
     let after = src.metadata().ctx("stat", &e.src)?;
     // The change time catches a rewrite during this unit even if the writer restored the mtime.
     if !same_as_planned(&after, e)
@@ -178,7 +281,14 @@ fn copy_unit(job: &CopyJob, u: u32) -> Result<(UnitDone, Option<PathBuf>)> {
         len: unit.len,
         crc,
     };
-    Ok((rec, created.then(|| fsio::parent_of(&tmp).to_path_buf())))
+    if small {
+        let dev = dst.metadata().ctx("stat", &tmp)?.dev();
+        return Ok(Copied::Unsynced(rec, dev, tmp));
+    }
+    Ok(Copied::Synced(
+        rec,
+        created.then(|| fsio::parent_of(&tmp).to_path_buf()),
+    ))
 }
 
 /// Open a file for reading without following a symlink at its name.

@@ -58,6 +58,7 @@ pub const DECLARED: &[&str] = &[
     "fsio::sync_data",
     "fsio::sync_all",
     "fsio::fsync_dir",
+    "fsio::syncfs",
     "fsio::rename",
 ];
 

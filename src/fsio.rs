@@ -3,7 +3,8 @@
 //!
 //! The recipe for everything ferry must not lose is the classic one: write under a temporary name,
 //! fsync the data, rename to the final name, fsync the parent directory. This module offers that
-//! recipe ([`write_atomic`]) and its pieces ([`sync_data`], [`rename`], [`fsync_dir`]) to the
+//! recipe ([`write_atomic`]) and its pieces ([`sync_data`], [`rename`], [`fsync_dir`], and
+//! [`sync_fs`] for many small files at once) to the
 //! engine, the journal and the commit; no other module may rename or sync. A failed fsync is
 //! returned as an error and never retried: the caller stops and resume redoes the work.
 //! Nothing here runs in `Drop`.
@@ -14,17 +15,32 @@ use std::io::{self, Write};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::error::{IoContext, Result};
 use crate::failpoints;
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
+static SYNC_ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Switch every fsync, directory fsync and syncfs of this process off (`false`) or back on. Only
+/// for measuring what durability costs (`benches/e2e.rs`): with them off nothing ferry writes
+/// survives a crash as promised. ferry itself never calls this.
+#[doc(hidden)]
+pub fn set_sync_enabled(on: bool) {
+    SYNC_ENABLED.store(on, Ordering::SeqCst);
+}
+
+fn syncs() -> bool {
+    SYNC_ENABLED.load(Ordering::Relaxed)
+}
 
 /// Make a file's data (and its size) durable.
 pub fn sync_data(f: &File, path: &Path) -> Result<()> {
     failpoints::io("fsio::sync_data", path)?;
-    f.sync_data().ctx("fsync", path)?;
+    if syncs() {
+        f.sync_data().ctx("fsync", path)?;
+    }
     #[cfg(feature = "failpoints")]
     crate::powerloss::file_synced(path);
     Ok(())
@@ -33,7 +49,9 @@ pub fn sync_data(f: &File, path: &Path) -> Result<()> {
 /// Make a file's data and metadata (mode, times) durable.
 pub fn sync_all(f: &File, path: &Path) -> Result<()> {
     failpoints::io("fsio::sync_all", path)?;
-    f.sync_all().ctx("fsync", path)?;
+    if syncs() {
+        f.sync_all().ctx("fsync", path)?;
+    }
     #[cfg(feature = "failpoints")]
     crate::powerloss::file_synced(path);
     Ok(())
@@ -43,9 +61,28 @@ pub fn sync_all(f: &File, path: &Path) -> Result<()> {
 pub fn fsync_dir(dir: &Path) -> Result<()> {
     failpoints::io("fsio::fsync_dir", dir)?;
     let d = File::open(dir).ctx("open-dir", dir)?;
-    d.sync_all().ctx("fsync-dir", dir)?;
+    if syncs() {
+        d.sync_all().ctx("fsync-dir", dir)?;
+    }
     #[cfg(feature = "failpoints")]
     crate::powerloss::dir_synced(dir);
+    Ok(())
+}
+
+/// Make everything written to the file system holding `path` durable: file data, new names,
+/// renames (`syncfs(2)`; since Linux 5.8 it reports writeback errors). One call replaces an
+/// fsync per file when a rank has written many small files; like an fsync, a failure is never
+/// retried and trusted.
+pub fn sync_fs(path: &Path) -> Result<()> {
+    failpoints::io("fsio::syncfs", path)?;
+    let f = File::open(path).ctx("open", path)?;
+    if syncs() {
+        rustix::fs::syncfs(&f)
+            .map_err(io::Error::from)
+            .ctx("fsync", path)?;
+    }
+    #[cfg(feature = "failpoints")]
+    crate::powerloss::fs_synced();
     Ok(())
 }
 
@@ -137,24 +174,11 @@ pub fn create_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut missing = Vec::new();
     let mut cur = Some(dir);
     while let Some(d) = cur {
-        if d.as_os_str().is_empty() {
+        if d.as_os_str().is_empty() || is_dir_or_link_to_dir(d)? {
             break;
         }
-        match fs::symlink_metadata(d) {
-            Ok(m) if m.is_dir() => break,
-            Ok(m) if m.file_type().is_symlink() => match fs::metadata(d) {
-                Ok(t) if t.is_dir() => break,
-                _ => {
-                    return Err(io::Error::from_raw_os_error(libc::ENOTDIR)).ctx("mkdir", d);
-                }
-            },
-            Ok(_) => return Err(io::Error::from_raw_os_error(libc::ENOTDIR)).ctx("mkdir", d),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                missing.push(d.to_path_buf());
-                cur = d.parent();
-            }
-            Err(e) => return Err(e).ctx("stat", d),
-        }
+        missing.push(d.to_path_buf());
+        cur = d.parent();
     }
     let mut created = Vec::new();
     for d in missing.into_iter().rev() {
@@ -169,6 +193,51 @@ pub fn create_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(created)
+}
+
+/// Create every directory of `dirs` and any missing ancestors, then make the new names durable
+/// with one fsync per parent directory (not one per directory made, as [`create_dirs`] does).
+pub fn create_dirs_all<'a>(dirs: impl IntoIterator<Item = &'a Path>) -> Result<()> {
+    let mut parents = std::collections::BTreeSet::new();
+    for dir in dirs {
+        let mut missing = Vec::new();
+        let mut cur = Some(dir);
+        while let Some(d) = cur {
+            if d.as_os_str().is_empty() || is_dir_or_link_to_dir(d)? {
+                break;
+            }
+            missing.push(d);
+            cur = d.parent();
+        }
+        for d in missing.into_iter().rev() {
+            match fs::create_dir(d) {
+                Ok(()) => {
+                    parents.insert(parent_of(d).to_path_buf());
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e).ctx("mkdir", d),
+            }
+        }
+    }
+    // Deepest first: a parent's own entry is made durable by its parent's fsync, later.
+    for p in parents.iter().rev() {
+        fsync_dir(p)?;
+    }
+    Ok(())
+}
+
+/// Whether `d` is a directory (or a symlink to one); an existing non-directory is `ENOTDIR`.
+fn is_dir_or_link_to_dir(d: &Path) -> Result<bool> {
+    match fs::symlink_metadata(d) {
+        Ok(m) if m.is_dir() => Ok(true),
+        Ok(m) if m.file_type().is_symlink() => match fs::metadata(d) {
+            Ok(t) if t.is_dir() => Ok(true),
+            _ => Err(io::Error::from_raw_os_error(libc::ENOTDIR)).ctx("mkdir", d),
+        },
+        Ok(_) => Err(io::Error::from_raw_os_error(libc::ENOTDIR)).ctx("mkdir", d),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).ctx("stat", d),
+    }
 }
 
 /// Open (creating if needed, mode 0600, never following a symlink, never truncating) the
@@ -208,9 +277,10 @@ pub fn set_mode_and_times(path: &Path, mode: Option<u32>, mtime: (i64, u32)) -> 
     set_times_nofollow(path, mtime)
 }
 
-/// Give a finished temporary file its final mode and times and make them durable (just before
-/// its rename). Never follows a symlink.
-pub fn finish_file(tmp: &Path, mode: u32, mtime: (i64, u32)) -> Result<()> {
+/// Give a finished temporary file its final mode and times (just before its rename), and with
+/// `sync` make them durable; without, the caller makes a batch durable with [`sync_fs`] before
+/// the renames. Never follows a symlink.
+pub fn finish_file(tmp: &Path, mode: u32, mtime: (i64, u32), sync: bool) -> Result<()> {
     let f = OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_NOFOLLOW)
@@ -221,7 +291,10 @@ pub fn finish_file(tmp: &Path, mode: u32, mtime: (i64, u32)) -> Result<()> {
     // Only the modification time: the access time is left to the file system.
     let times = fs::FileTimes::new().set_modified(system_time(mtime));
     f.set_times(times).ctx("utimes", tmp)?;
-    sync_all(&f, tmp)
+    if sync {
+        sync_all(&f, tmp)?;
+    }
+    Ok(())
 }
 
 /// (seconds, nanoseconds) since the epoch as a `SystemTime` (before the epoch too).

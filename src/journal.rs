@@ -176,6 +176,17 @@ impl Journal {
         self.flush()
     }
 
+    /// Append the records of units made durable together (by one `syncfs`, which also made
+    /// their temporary files' names durable) and write them out with one fsync.
+    pub fn record_synced(&self, recs: &[UnitDone]) -> Result<()> {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        for r in recs {
+            g.pending.extend_from_slice(&r.encode());
+        }
+        g.oldest.get_or_insert_with(Instant::now);
+        self.flush_locked(&mut g)
+    }
+
     /// Make every recorded unit durable in the journal.
     pub fn flush(&self) -> Result<()> {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());

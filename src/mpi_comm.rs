@@ -67,7 +67,36 @@ pub fn init() -> Result<Mpi> {
         world,
     };
     install_panic_hook(comm.rank, comm.size);
+    unpin();
     Ok(Mpi { universe, comm })
+}
+
+/// Open MPI binds each rank to one core when ranks are few (`-n 1`, `-n 2`), which would run all
+/// of a rank's copy threads on that core. ferry's ranks are I/O-bound thread pools: give this
+/// thread (and so every thread it starts later) every online CPU, as `--bind-to none` would.
+fn unpin() {
+    // SAFETY: sysconf, CPU_ZERO/CPU_SET on a local cpu_set_t, and sched_get/setaffinity of the
+    // calling thread (pid 0) with its size; no memory is shared.
+    unsafe {
+        let online = libc::sysconf(libc::_SC_NPROCESSORS_ONLN).max(1) as usize;
+        let mut now: libc::cpu_set_t = std::mem::zeroed();
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        if libc::sched_getaffinity(0, size, &mut now) != 0
+            || libc::CPU_COUNT(&now) as usize >= online
+        {
+            return;
+        }
+        let mut all: libc::cpu_set_t = std::mem::zeroed();
+        for c in 0..online.min(libc::CPU_SETSIZE as usize) {
+            libc::CPU_SET(c, &mut all);
+        }
+        if libc::sched_setaffinity(0, size, &all) == 0 {
+            log::debug!(
+                "unpinned: {} of {online} CPUs were allowed by the launcher's binding",
+                libc::CPU_COUNT(&now)
+            );
+        }
+    }
 }
 
 /// On a panic anywhere (a copy thread included): print it with the rank, then `MPI_Abort`, which

@@ -109,6 +109,19 @@ pub fn file_synced(path: &Path) {
     }
 }
 
+/// Everything on the file system became durable (called by `fsio` after a `syncfs`; the model
+/// takes its whole tree, which tests keep on one file system).
+pub fn fs_synced() {
+    let mut g = MODEL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(m) = g.as_mut() else { return };
+    let Ok(root) = crate::pathser::decode(&m.root) else {
+        return;
+    };
+    m.entries.clear();
+    m.data.clear();
+    snapshot(m, &root);
+}
+
 /// A directory's current entries became durable (called by `fsio` after a directory fsync).
 pub fn dir_synced(dir: &Path) {
     let mut g = MODEL.lock().unwrap_or_else(|e| e.into_inner());

@@ -974,21 +974,19 @@ fn run_phases(
     let wp: &Plan = if me == 0 { plan } else { &*slice };
 
     // Directories: each rank makes the ones it owns, then the parents of its units' files.
-    let dirs = (|| {
+    // (All made first, then one fsync per parent directory.)
+    let dirs = {
+        let mut want: BTreeSet<&Path> = BTreeSet::new();
         for e in wp.held_entries() {
             if wp.entry(e).kind == Kind::Dir && wp.owner(e, n) == me {
-                fsio::create_dirs(&wp.entry(e).dst)?;
+                want.insert(&wp.entry(e).dst);
             }
         }
-        let mut seen = BTreeSet::new();
         for &u in &work.copy {
-            let p = fsio::parent_of(&wp.entry(wp.unit(u).entry as usize).dst).to_path_buf();
-            if seen.insert(p.clone()) {
-                fsio::create_dirs(&p)?;
-            }
+            want.insert(fsio::parent_of(&wp.entry(wp.unit(u).entry as usize).dst));
         }
-        Ok(())
-    })();
+        fsio::create_dirs_all(want)
+    };
     agree(comm, dirs)?;
 
     // Copy.

@@ -36,7 +36,8 @@ fn status_tells_the_truth_at_every_stage() {
     // planned: the plan is durable, no data has moved, a run is live.
     let mut c = spawn(
         &s,
-        "plan::written=pause;journal::synced=pause@0#1",
+        // (Slowed down so the small units are journaled in several batches.)
+        "plan::written=pause;journal::synced=pause@0#1;copy::unit_written=delay(5)",
         &[
             "copy",
             "--id",
@@ -388,8 +389,22 @@ fn a_failed_fsync_stops_the_run_and_resume_redoes_the_work() {
     let src = tree(&s);
     let o = s
         .ferry()
-        .env("FERRY_FAILPOINTS", "fsio::sync_data=error(EIO)#5")
-        .args(["copy", "--id", "e", "--chunk-size", "16K", "src", "dst"])
+        // The second batch of small units: its syncfs fails.
+        .env(
+            "FERRY_FAILPOINTS",
+            "fsio::syncfs=error(EIO)#2;copy::unit_written=delay(30)",
+        )
+        .args([
+            "copy",
+            "--id",
+            "e",
+            "--chunk-size",
+            "16K",
+            "--threads",
+            "2",
+            "src",
+            "dst",
+        ])
         .output()
         .unwrap();
     expect_code(&o, 5);

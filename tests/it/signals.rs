@@ -196,23 +196,33 @@ fn transient_read_errors_are_retried_with_backoff_and_bounded() {
 
 #[test]
 fn a_failed_fsync_is_never_retried_and_resume_redoes_the_unit() {
-    let s = Scratch::new();
-    let mut r = Rng::new(7);
-    let src = s.path("src");
-    write_file(&src.join("a"), 1 << 20, &mut r);
-    let o = s
-        .ferry()
-        .args(["copy", "--id", "f", "src", "dst"])
-        .env("FERRY_FAILPOINTS", "fsio::sync_data=error(EIO)")
-        .output()
-        .unwrap();
-    expect_code(&o, 5);
-    assert!(!stderr(&o).contains("retrying"), "{}", stderr(&o));
-    let o = s.run(&["resume", "f", "--json"]);
-    expect_code(&o, 0);
-    let sum: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(sum["bytes_reused"], 0, "the unsynced unit was not trusted");
-    assert_same_tree(&src, &s.path("dst"));
+    // A large unit is fsynced alone, small ones together by one syncfs: either failing stops the
+    // run at once, and the resume trusts none of those units.
+    for (size, fp) in [
+        (9u64 << 20, "fsio::sync_data=error(EIO)"),
+        (1 << 20, "fsio::syncfs=error(EIO)"),
+    ] {
+        let s = Scratch::new();
+        let mut r = Rng::new(7);
+        let src = s.path("src");
+        write_file(&src.join("a"), size, &mut r);
+        let o = s
+            .ferry()
+            .args(["copy", "--id", "f", "src", "dst"])
+            .env("FERRY_FAILPOINTS", fp)
+            .output()
+            .unwrap();
+        expect_code(&o, 5);
+        assert!(!stderr(&o).contains("retrying"), "{}", stderr(&o));
+        let o = s.run(&["resume", "f", "--json"]);
+        expect_code(&o, 0);
+        let sum: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(
+            sum["bytes_reused"], 0,
+            "{fp}: the unsynced unit was not trusted"
+        );
+        assert_same_tree(&src, &s.path("dst"));
+    }
 }
 
 /// Change `src/big` while its one unit is being copied (paused before its second 4 MiB read).
