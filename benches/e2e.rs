@@ -13,7 +13,8 @@
 //!
 //! Knobs (environment): FERRY_BENCH_DIR (scratch, default target/bench), FERRY_BENCH_ROUNDS (3),
 //! FERRY_BENCH_SCALE (1.0: dataset sizes are multiplied by it), FERRY_BENCH_CACHES (warm,cold),
-//! FERRY_BENCH_OUT (the table, default target/bench/results.md).
+//! FERRY_BENCH_SETS (large,small,checkpoint), FERRY_BENCH_OUT (the table, default
+//! target/bench/results.md).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -288,7 +289,9 @@ fn main() {
     let ferry = ferry_bin();
     let home = root.join("home");
     let dst = root.join("out");
-    let sets = datasets(&root.join("data"), scale);
+    let only: String = env_or("FERRY_BENCH_SETS", "large,small,checkpoint".to_string());
+    let mut sets = datasets(&root.join("data"), scale);
+    sets.retain(|s| only.split(',').any(|o| o == s.name));
     let mpi = Command::new("mpirun").arg("--version").output().is_ok();
     let mut tools = vec![Tool::Ferry1, Tool::Ferry2, Tool::Ferry4];
     if mpi {

@@ -327,6 +327,9 @@ fn copy_range(
         job.retry.run("write", || {
             dst.write_all_at(chunk, pos).ctx("write", dst_path)
         })?;
+        if len >= SMALL_UNIT {
+            fsio::start_writeback(dst, pos, n as u64);
+        }
         pos += n as u64;
     }
     Ok(h.finalize())

@@ -46,6 +46,25 @@ pub fn sync_data(f: &File, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Start writing `len` bytes at `offset` of `f` back to the device, without waiting
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`). Not a durability step — only [`sync_data`] or
+/// [`sync_fs`] make data durable — but it keeps a large unit's dirty pages flowing to the disk
+/// while the next buffers are copied, so its fsync finds little left to do.
+pub fn start_writeback(f: &File, offset: u64, len: u64) {
+    if !syncs() {
+        return;
+    }
+    // SAFETY: sync_file_range(2) on an open descriptor we own; it only schedules I/O.
+    unsafe {
+        libc::sync_file_range(
+            std::os::fd::AsRawFd::as_raw_fd(f),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
 /// Make a file's data and metadata (mode, times) durable.
 pub fn sync_all(f: &File, path: &Path) -> Result<()> {
     failpoints::io("fsio::sync_all", path)?;
