@@ -52,6 +52,16 @@ impl Launch {
     }
 }
 
+/// What every cell's copy (and the probe run) asks for, the destination aside.
+const COPY_FLAGS: [&str; 6] = [
+    "--delete-source",
+    "--chunk-size",
+    "16K",
+    "--threads",
+    "1",
+    "src",
+];
+
 fn ferry(s: &Scratch, launch: Launch, args: &[&str], fp: Option<&str>) -> Output {
     ferry_env(s, launch, args, fp, &[])
 }
@@ -174,19 +184,9 @@ fn run_cell(s: &Scratch, reference: &Path, cell: &Cell, n: usize) -> Found {
         "{}={}@{}#{}",
         cell.point, cell.action, cell.victim, cell.hit
     );
-    let args = [
-        "copy",
-        "--id",
-        &id,
-        "--delete-source",
-        "--chunk-size",
-        "16K",
-        "--threads",
-        "1",
-        "src",
-    ];
-    let mut args: Vec<&str> = args.to_vec();
     let dst_s = dst.to_str().unwrap().to_string();
+    let mut args = vec!["copy", "--id", &id];
+    args.extend(COPY_FLAGS);
     args.push(&dst_s);
     // A power-loss cell: the crashed process leaves a model of what was durable, and the disk is
     // rewritten to it before anything is checked.
@@ -359,21 +359,10 @@ fn crash_matrix() {
         // An undisturbed run tells how often each point is passed on each rank.
         cp_a(&reference, &s.path("src"));
         let probe = s.path("probe");
-        let o = ferry(
-            &s,
-            launch,
-            &[
-                "copy",
-                "--delete-source",
-                "--chunk-size",
-                "16K",
-                "--threads",
-                "1",
-                "src",
-                probe.to_str().unwrap(),
-            ],
-            None,
-        );
+        let mut args = vec!["copy"];
+        args.extend(COPY_FLAGS);
+        args.push(probe.to_str().unwrap());
+        let o = ferry(&s, launch, &args, None);
         assert!(
             o.status.success(),
             "probe run failed: {}",

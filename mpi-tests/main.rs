@@ -213,34 +213,41 @@ fn local_layout_private_sources_unequal_loads_and_duplicate_destinations() {
     assert!(temps_in(&s.path("pfs")).is_empty());
 }
 
+/// A 4-rank `copy src dst` of 24 MiB in `chunk` units, each slowed down by `delay_ms` so a fault
+/// lands mid-copy; returns once something is journaled: (src, state dir, mpirun, id).
+fn slow_job(s: &Scratch, chunk: &str, delay_ms: u64) -> (PathBuf, PathBuf, Child, String) {
+    let src = sources(s, 12, 2 << 20);
+    let state = s.path("dst/.ferry");
+    let args = [
+        "copy",
+        "--chunk-size",
+        chunk,
+        "--threads",
+        "1",
+        "src",
+        "dst",
+    ];
+    let mut c = mpirun(s, 4, &args);
+    c.env(
+        "FERRY_FAILPOINTS",
+        format!("copy::unit_written=delay({delay_ms})"),
+    );
+    let mut child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn_tracked();
+    let id = read_id(&mut child);
+    let td = TransferDir::new(&state, &id);
+    wait_for(DEADLINE, || ferry::status::status(&td).bytes_done > 0);
+    (src, state, child, id)
+}
+
 #[test]
 fn sigkill_of_any_rank_ends_the_job_and_resume_on_any_count_converges() {
     for (victim, again) in [(0usize, 4usize), (1, 2), (2, 8), (3, 1)] {
         let s = Scratch::new();
-        let src = sources(&s, 12, 2 << 20);
-        let state = s.path("dst/.ferry");
-        let mut c = mpirun(
-            &s,
-            4,
-            &[
-                "copy",
-                "--chunk-size",
-                "512K",
-                "--threads",
-                "1",
-                "src",
-                "dst",
-            ],
-        );
-        // Slow every unit down so the kill lands mid-copy.
-        c.env("FERRY_FAILPOINTS", "copy::unit_written=delay(60)");
-        let mut child = c
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn_tracked();
-        let id = read_id(&mut child);
+        let (src, state, child, id) = slow_job(&s, "512K", 60);
         let td = TransferDir::new(&state, &id);
-        wait_for(DEADLINE, || ferry::status::status(&td).bytes_done > 0);
         let pid = rank_pid(&s, "OMPI_COMM_WORLD_RANK", victim).expect("rank pid");
         assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
         let t0 = Instant::now();
@@ -280,32 +287,8 @@ fn a_signal_to_mpirun_or_to_one_rank_stops_every_rank_and_leaves_it_resumable() 
         (false, libc::SIGTERM, "SIGTERM", 60),
     ] {
         let s = Scratch::new();
-        let src = sources(&s, 12, 2 << 20);
-        let state = s.path("dst/.ferry");
-        let mut c = mpirun(
-            &s,
-            4,
-            &[
-                "copy",
-                "--chunk-size",
-                "256K",
-                "--threads",
-                "1",
-                "src",
-                "dst",
-            ],
-        );
-        c.env(
-            "FERRY_FAILPOINTS",
-            format!("copy::unit_written=delay({delay})"),
-        );
-        let mut child = c
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn_tracked();
-        let id = read_id(&mut child);
+        let (src, state, child, id) = slow_job(&s, "256K", delay);
         let td = TransferDir::new(&state, &id);
-        wait_for(DEADLINE, || ferry::status::status(&td).bytes_done > 0);
         let pid = if to_launcher {
             child.id() as i32
         } else {

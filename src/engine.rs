@@ -179,6 +179,8 @@ impl SyncBatch {
         for dir in p.fs.values() {
             fsio::sync_fs(dir)?;
         }
+        // (The temporary names are only rebuilt for the failpoints' sake.)
+        #[cfg(feature = "failpoints")]
         for r in &p.recs {
             let e = job.plan.unit(r.unit).entry as usize;
             failpoints::io("copy::unit_synced", &temp_path(job.plan, e))?;

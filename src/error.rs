@@ -239,25 +239,36 @@ impl Error {
         self.class.exit_code()
     }
 
-    /// What the user should do next, by class.
-    pub fn hint(&self) -> &'static str {
+    /// What the user should do next, by class; `id` is the transfer, once there is one (a run
+    /// that stopped before its plan was durable left nothing to resume).
+    pub fn hint(&self, id: Option<&str>) -> String {
+        let then_resume = |fix: &str| match id {
+            Some(id) => format!("{fix}, then `ferry resume {id}`"),
+            None => format!(
+                "{fix}, then run the same command again (nothing was copied and no transfer \
+                 was made)"
+            ),
+        };
         match self.class {
-            ErrorClass::Usage => "see `ferry --help`",
-            ErrorClass::Transient | ErrorClass::Interrupted => {
-                "the transfer is resumable: run `ferry resume <ID>`"
-            }
+            ErrorClass::Usage => "see `ferry --help`".into(),
+            ErrorClass::Transient | ErrorClass::Interrupted => match id {
+                Some(id) => format!("the transfer is resumable: run `ferry resume {id}`"),
+                None => "nothing was copied and no transfer was made; run the same command \
+                         again"
+                    .into(),
+            },
             ErrorClass::Cancelled => {
-                "the transfer was cancelled; start a new one with `ferry copy`"
+                "the transfer was cancelled; start a new one with `ferry copy`".into()
             }
-            ErrorClass::Resource => {
-                "free space or raise the limit on that tier, then `ferry resume <ID>`"
-            }
-            ErrorClass::Permission => "fix the permissions of that path, then `ferry resume <ID>`",
-            ErrorClass::NotFound => "restore the missing path, then `ferry resume <ID>`",
+            ErrorClass::Resource => then_resume("free space or raise the limit on that tier"),
+            ErrorClass::Permission => then_resume("fix the permissions of that path"),
+            ErrorClass::NotFound => then_resume("restore the missing path"),
             ErrorClass::Integrity => {
-                "nothing was committed; inspect the named file (see docs/errors.md)"
+                "nothing was committed; inspect the named file (see docs/errors.md)".into()
             }
-            ErrorClass::Internal => "this is a bug in ferry; the state is kept, please report it",
+            ErrorClass::Internal => {
+                "this is a bug in ferry; the state is kept, please report it".into()
+            }
         }
     }
 }

@@ -187,37 +187,18 @@ fn is_atomic_tmp_name(name: &[u8]) -> bool {
     }
 }
 
-/// Create `dir` and any missing ancestors, making each new directory entry durable (the parent of
-/// every directory created is fsynced). Returns the directories that were created.
+/// Create `dir` and any missing ancestors, making each new directory entry durable (see
+/// [`create_dirs_all`]). Returns the directories that were created.
 pub fn create_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut missing = Vec::new();
-    let mut cur = Some(dir);
-    while let Some(d) = cur {
-        if d.as_os_str().is_empty() || is_dir_or_link_to_dir(d)? {
-            break;
-        }
-        missing.push(d.to_path_buf());
-        cur = d.parent();
-    }
-    let mut created = Vec::new();
-    for d in missing.into_iter().rev() {
-        match fs::create_dir(&d) {
-            Ok(()) => {
-                fsync_dir(parent_of(&d))?;
-                created.push(d);
-            }
-            // Another rank made it first; it made it durable too.
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e).ctx("mkdir", &d),
-        }
-    }
-    Ok(created)
+    create_dirs_all(std::iter::once(dir))
 }
 
 /// Create every directory of `dirs` and any missing ancestors, then make the new names durable
-/// with one fsync per parent directory (not one per directory made, as [`create_dirs`] does).
-pub fn create_dirs_all<'a>(dirs: impl IntoIterator<Item = &'a Path>) -> Result<()> {
+/// with one fsync per parent directory (not one per directory made). Returns the directories
+/// this call created.
+pub fn create_dirs_all<'a>(dirs: impl IntoIterator<Item = &'a Path>) -> Result<Vec<PathBuf>> {
     let mut parents = std::collections::BTreeSet::new();
+    let mut created = Vec::new();
     for dir in dirs {
         let mut missing = Vec::new();
         let mut cur = Some(dir);
@@ -232,7 +213,9 @@ pub fn create_dirs_all<'a>(dirs: impl IntoIterator<Item = &'a Path>) -> Result<(
             match fs::create_dir(d) {
                 Ok(()) => {
                     parents.insert(parent_of(d).to_path_buf());
+                    created.push(d.to_path_buf());
                 }
+                // Another rank made it first; it makes it durable too.
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(e).ctx("mkdir", d),
             }
@@ -242,7 +225,7 @@ pub fn create_dirs_all<'a>(dirs: impl IntoIterator<Item = &'a Path>) -> Result<(
     for p in parents.iter().rev() {
         fsync_dir(p)?;
     }
-    Ok(())
+    Ok(created)
 }
 
 /// Whether `d` is a directory (or a symlink to one); an existing non-directory is `ENOTDIR`.

@@ -266,7 +266,15 @@ fn main() {
     };
     init_log(cli.verbose, quiet);
     let collective = matches!(cli.cmd, Cmd::Copy { .. } | Cmd::Resume { .. });
-    let copying = matches!(cli.cmd, Cmd::Copy { .. });
+    // The transfer a command names (a copy's is known once its plan is durable: ANNOUNCED).
+    let named = match &cli.cmd {
+        Cmd::Resume { id, .. }
+        | Cmd::Cancel { id, .. }
+        | Cmd::Verify { id, .. }
+        | Cmd::Forget { id, .. } => Some(id.clone()),
+        Cmd::Status { id, .. } => id.clone(),
+        Cmd::Copy { .. } | Cmd::List { .. } => None,
+    };
 
     #[cfg(feature = "mpi")]
     let mpi = if collective && ferry::mpi_comm::launched() {
@@ -311,16 +319,8 @@ fn main() {
             // Errors every rank agreed on carry the failing rank: rank 0 tells them once.
             if rank == 0 || e.rank.is_none() {
                 // Name the transfer in the hint once it has one.
-                let hint = match ANNOUNCED.lock().ok().and_then(|a| a.clone()) {
-                    Some(id) => e.hint().replace("<ID>", &id),
-                    // A copy that stopped before its plan was durable left nothing to resume.
-                    None if copying && e.hint().contains("ferry resume") => {
-                        "nothing was copied and no transfer was made; fix that and run the same \
-                         command again"
-                            .to_string()
-                    }
-                    None => e.hint().to_string(),
-                };
+                let id = ANNOUNCED.lock().ok().and_then(|a| a.clone()).or(named);
+                let hint = e.hint(id.as_deref());
                 let msg = format!("ferry: error: {e}\n  hint: {hint}\n");
                 let _ = std::io::stderr().write_all(msg.as_bytes());
                 if json {

@@ -265,11 +265,6 @@ impl Stopper {
         }
     }
 
-    /// A stopper that only reacts to signals.
-    pub fn signals_only() -> Stopper {
-        Stopper::new(None, None)
-    }
-
     /// `Err` once the run must stop (looks at the disk at most every [`POLL`]).
     pub fn check(&self) -> Result<()> {
         self.check_at(false)

@@ -415,6 +415,8 @@ fn setup_new_transfer(
         .take_while(|d| !d.as_os_str().is_empty() && std::fs::symlink_metadata(d).is_err())
         .map(Path::to_path_buf)
         .collect();
+    // A transfer directory that exists already is someone else's: a failure keeps it.
+    let existed = td.path.exists();
     let res = (|| {
         state::create_private_dir(&state_dir)?;
         make_transfer_dir(&td, &state_dir)?;
@@ -423,13 +425,8 @@ fn setup_new_transfer(
     match res {
         Ok(lock) => Ok((td, lock, made)),
         Err(e) => {
-            // A transfer directory that existed before is someone else's: keep it.
-            if e.class != ErrorClass::Usage || !td.path.is_dir() {
+            if !existed {
                 undo_setup(&td, &made, opts.register);
-            } else {
-                for d in &made {
-                    let _ = std::fs::remove_dir(d);
-                }
             }
             Err(e)
         }
@@ -985,7 +982,7 @@ fn run_phases(
         for &u in &work.copy {
             want.insert(fsio::parent_of(&wp.entry(wp.unit(u).entry as usize).dst));
         }
-        fsio::create_dirs_all(want)
+        fsio::create_dirs_all(want).map(|_| ())
     };
     agree(comm, dirs)?;
 

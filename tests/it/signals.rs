@@ -23,6 +23,21 @@ fn slow_sources(s: &Scratch) -> std::path::PathBuf {
     src
 }
 
+/// `copy src dst` on `ranks` in-process ranks, one thread each, in 256 KiB units (64 of them).
+fn slow_copy_args(ranks: &str) -> [&str; 9] {
+    [
+        "copy",
+        "--ranks",
+        ranks,
+        "--threads",
+        "1",
+        "--chunk-size",
+        "256K",
+        "src",
+        "dst",
+    ]
+}
+
 fn start(s: &Scratch, args: &[&str], fp: &str) -> (Child, String) {
     let mut child = s
         .ferry()
@@ -55,17 +70,7 @@ fn term_int_and_usr1_stop_every_rank_with_interrupted_and_leave_it_resumable() {
     ] {
         let s = Scratch::new();
         let src = slow_sources(&s);
-        let args = [
-            "copy",
-            "--ranks",
-            "2",
-            "--threads",
-            "1",
-            "--chunk-size",
-            "256K",
-            "src",
-            "dst",
-        ];
+        let args = slow_copy_args("2");
         let (child, id) = start(&s, &args, "copy::unit_written=delay(40)");
         let td = TransferDir::new(&s.path("dst/.ferry"), &id);
         wait_for(LIMIT, || ferry::status::status(&td).bytes_done > 0);
@@ -120,17 +125,7 @@ fn a_second_signal_exits_at_once_and_the_transfer_still_resumes() {
 fn an_error_on_one_rank_stops_the_others_promptly_and_names_the_rank() {
     let s = Scratch::new();
     let src = slow_sources(&s);
-    let args = [
-        "copy",
-        "--ranks",
-        "3",
-        "--threads",
-        "1",
-        "--chunk-size",
-        "256K",
-        "src",
-        "dst",
-    ];
+    let args = slow_copy_args("3");
     let (child, id) = start(
         &s,
         &args,
