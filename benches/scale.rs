@@ -33,28 +33,29 @@ fn root(n: usize, dir: &str) {
     let all: Vec<u32> = (0..plan.n_units() as u32).collect();
     let shares = plan.assign(&all, RANKS).unwrap();
     let t_assign = t0.elapsed().as_secs_f64() - t_plan;
-    // As a run does: the plan is encoded, written to the state directory, and dropped.
-    let plan_bytes = serde_json::to_vec(&plan).unwrap().len();
+    // As a run does: the plan is written to the state directory, streamed (never held encoded).
+    let plan_file = format!("{dir}/plan");
+    let _ = std::fs::remove_file(&plan_file);
+    ferry::state::write_record_streamed(std::path::Path::new(&plan_file), "plan", &plan).unwrap();
+    let plan_bytes = std::fs::metadata(&plan_file).unwrap().len();
     let t_encode = t0.elapsed().as_secs_f64() - t_plan - t_assign;
-    // Then every other rank's slice (the entries it owns and the units of its share) is built
-    // and held until the scatter.
+    // Then every other rank's slice (the entries it owns and the units of its share) is built,
+    // encoded and sent, one rank at a time.
     let t1 = Instant::now();
-    let parts: Vec<Vec<u8>> = shares
-        .iter()
-        .enumerate()
-        .skip(1)
-        .map(|(r, share)| {
-            let ents: BTreeSet<u32> = (0..plan.n_entries())
-                .filter(|&e| plan.owner(e, RANKS) == r)
-                .map(|e| e as u32)
-                .collect();
-            let units: BTreeSet<u32> = share.iter().copied().collect();
-            serde_json::to_vec(&plan.slice(&ents, &units)).unwrap()
-        })
-        .collect();
+    let mut sent = 0;
+    for (r, share) in shares.iter().enumerate().skip(1) {
+        let ents: BTreeSet<u32> = (0..plan.n_entries())
+            .filter(|&e| plan.owner(e, RANKS) == r)
+            .map(|e| e as u32)
+            .collect();
+        let units: BTreeSet<u32> = share.iter().copied().collect();
+        let part = serde_json::to_vec(&plan.slice_view(&ents, &units)).unwrap();
+        sent += part.len();
+        if r == 1 {
+            std::fs::write(format!("{dir}/slice1"), &part).unwrap();
+        }
+    }
     let t_slices = t1.elapsed().as_secs_f64();
-    let sent: usize = parts.iter().map(Vec::len).sum();
-    std::fs::write(format!("{dir}/slice1"), &parts[0]).unwrap();
     println!(
         "{n} {} {t_plan:.2} {t_assign:.2} {t_encode:.2} {t_slices:.2} {plan_bytes} {sent} {:.0}",
         plan.n_units(),

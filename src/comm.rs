@@ -64,6 +64,20 @@ pub trait Comm {
         Err(Error::internal("scatter: no part for this rank"))
     }
 
+    /// Like [`Comm::scatter`], but `root` makes each rank's part only when it is sent
+    /// (`make(r)` for every `r != root`; the root's own part is empty), so it never holds all
+    /// of them at once. The default makes them all and scatters; MPI sends them one by one.
+    fn scatter_each(&self, root: usize, make: &mut dyn FnMut(usize) -> Vec<u8>) -> Result<Vec<u8>> {
+        let parts: Vec<Vec<u8>> = if self.rank() == root {
+            (0..self.size())
+                .map(|r| if r == root { Vec::new() } else { make(r) })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        self.scatter(root, &parts)
+    }
+
     /// The sum of `v` over all ranks.
     fn allreduce_sum(&self, v: u64) -> Result<u64> {
         let all = self.allgather(&v.to_le_bytes())?;

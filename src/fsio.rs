@@ -114,8 +114,17 @@ pub fn rename(from: &Path, to: &Path) -> Result<()> {
 /// Write `bytes` to `path` atomically and durably: after this returns the file holds exactly
 /// `bytes` and survives a crash; before, it holds its old content (or does not exist).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, &mut |w| w.write_all(bytes))
+}
+
+/// [`write_atomic`] for content produced by `fill` (through a buffer), so a large record need
+/// not be held in memory whole.
+pub fn write_atomic_with(
+    path: &Path,
+    fill: &mut dyn FnMut(&mut dyn Write) -> io::Result<()>,
+) -> Result<()> {
     let tmp = sibling_tmp(path);
-    let mut f = OpenOptions::new()
+    let f = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
@@ -123,7 +132,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .open(&tmp)
         .ctx("create", &tmp)?;
     let res = (|| {
-        f.write_all(bytes).ctx("write", &tmp)?;
+        let mut w = io::BufWriter::with_capacity(1 << 20, f);
+        fill(&mut w).ctx("write", &tmp)?;
+        let f = w
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .ctx("write", &tmp)?;
         sync_all(&f, &tmp)?;
         rename(&tmp, path)?;
         fsync_dir(parent_of(path))

@@ -335,6 +335,42 @@ impl Comm for MpiComm {
         Ok(buf)
     }
 
+    fn scatter_each(&self, root: usize, make: &mut dyn FnMut(usize) -> Vec<u8>) -> Result<Vec<u8>> {
+        // Point to point, one rank at a time: the root holds one part at once. The length goes
+        // first; big parts travel in pieces (MPI counts are ints). Messages between two ranks
+        // with one tag arrive in order.
+        const TAG: i32 = 7;
+        const PIECE: usize = 1 << 30;
+        if self.rank == root {
+            for r in (0..self.size).filter(|&r| r != root) {
+                let part = make(r);
+                let to = self.world.process_at_rank(r as i32);
+                let len = part.len() as u64;
+                mpi::request::scope(|scope| {
+                    wait_polled(to.immediate_send_with_tag(scope, &len, TAG));
+                });
+                for piece in part.chunks(PIECE) {
+                    mpi::request::scope(|scope| {
+                        wait_polled(to.immediate_send_with_tag(scope, piece, TAG));
+                    });
+                }
+            }
+            return Ok(Vec::new());
+        }
+        let from = self.world.process_at_rank(root as i32);
+        let mut len: u64 = 0;
+        mpi::request::scope(|scope| {
+            wait_polled(from.immediate_receive_into_with_tag(scope, &mut len, TAG));
+        });
+        let mut buf = vec![0u8; len as usize];
+        for piece in buf.chunks_mut(PIECE) {
+            mpi::request::scope(|scope| {
+                wait_polled(from.immediate_receive_into_with_tag(scope, piece, TAG));
+            });
+        }
+        Ok(buf)
+    }
+
     fn barrier(&self) -> Result<()> {
         wait_polled(self.world.immediate_barrier());
         Ok(())

@@ -83,9 +83,14 @@ pub struct Entry {
     /// Modification time (seconds, nanoseconds).
     pub mtime: (i64, u32),
     /// Symlink target.
-    #[serde(with = "crate::pathser::opt", default)]
+    #[serde(
+        with = "crate::pathser::opt",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub target: Option<PathBuf>,
     /// Local layout: the rank that holds the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub holder: Option<usize>,
     /// Inode of the source when planned (a source is removed only if it is still this file).
     #[serde(default)]
@@ -145,6 +150,33 @@ pub struct Plan {
     /// In a rank's slice: the figures of the whole plan. `None` for the whole plan itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub whole: Option<Totals>,
+}
+
+/// A rank's slice of a plan, borrowing the plan's entries; it serializes exactly as the
+/// [`Plan`] that [`Plan::slice`] returns (the field names and order are the same).
+#[derive(Debug, Serialize)]
+pub struct SliceView<'a> {
+    format: u32,
+    id: &'a str,
+    layout: Layout,
+    chunk_size: u64,
+    ranks: usize,
+    created: &'a str,
+    user: &'a str,
+    host: &'a str,
+    sources: &'a [String],
+    dest: &'a str,
+    delete_source: bool,
+    verify: bool,
+    threads: usize,
+    entries: Vec<&'a Entry>,
+    units: Vec<Unit>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    entry_ids: Vec<u32>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    unit_ids: Vec<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    whole: Option<Totals>,
 }
 
 /// The figures of a whole plan, carried by each rank's slice of it.
@@ -293,6 +325,37 @@ impl Plan {
                 bytes: self.bytes_total(),
             }),
             ..self.header()
+        }
+    }
+
+    /// What [`Plan::slice`] makes, borrowed from this plan: it encodes to the same bytes
+    /// without copying the entries (rank 0 encodes every rank's slice of a large plan).
+    pub fn slice_view<'a>(
+        &'a self,
+        entries: &std::collections::BTreeSet<u32>,
+        units: &std::collections::BTreeSet<u32>,
+    ) -> SliceView<'a> {
+        let mut ents: std::collections::BTreeSet<u32> = entries.clone();
+        ents.extend(units.iter().map(|&u| self.units[u as usize].entry));
+        SliceView {
+            format: self.format,
+            id: &self.id,
+            layout: self.layout,
+            chunk_size: self.chunk_size,
+            ranks: self.ranks,
+            created: &self.created,
+            user: &self.user,
+            host: &self.host,
+            sources: &self.sources,
+            dest: &self.dest,
+            delete_source: self.delete_source,
+            verify: self.verify,
+            threads: self.threads,
+            entries: ents.iter().map(|&e| &self.entries[e as usize]).collect(),
+            units: units.iter().map(|&u| self.units[u as usize]).collect(),
+            entry_ids: ents.into_iter().collect(),
+            unit_ids: units.iter().copied().collect(),
+            whole: self.header().whole,
         }
     }
 
@@ -920,6 +983,26 @@ mod tests {
         assert_eq!(sl.units_of(9), p.units_of(9));
         assert_eq!(sl.unit(p.units_of(9)[1]), p.unit(p.units_of(9)[1]));
         assert!(std::panic::catch_unwind(|| sl.entry(3).size).is_err());
+    }
+
+    #[test]
+    fn a_slice_view_encodes_as_the_slice_it_borrows() {
+        let mut es: Vec<Entry> = (0..6).map(|i| file(i, 250)).collect();
+        es[1].target = Some(PathBuf::from("t"));
+        es[2].holder = Some(1);
+        let p = plan(es, 100);
+        let ents: std::collections::BTreeSet<u32> = [1, 2, 5].into_iter().collect();
+        let units: std::collections::BTreeSet<u32> = p.units_of(3).into_iter().collect();
+        for (e, u) in [
+            (&ents, &units),
+            (&Default::default(), &units),
+            (&ents, &Default::default()),
+        ] {
+            let owned = serde_json::to_vec(&p.slice(e, u)).unwrap();
+            assert_eq!(serde_json::to_vec(&p.slice_view(e, u)).unwrap(), owned);
+            let back: Plan = serde_json::from_slice(&owned).unwrap();
+            assert_eq!(back, p.slice(e, u));
+        }
     }
 
     #[test]

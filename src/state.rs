@@ -130,14 +130,14 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
 
 /// Frame a record body: `ferry-KIND 1 LEN CRC\n` then the body.
 pub fn frame(kind: &str, body: &[u8]) -> Vec<u8> {
-    let mut out = format!(
-        "ferry-{kind} 1 {} {:08x}\n",
-        body.len(),
-        crc32fast::hash(body)
-    )
-    .into_bytes();
+    let mut out = frame_header(kind, body.len() as u64, crc32fast::hash(body)).into_bytes();
     out.extend_from_slice(body);
     out
+}
+
+/// The first line of a framed record: kind, format, body length and CRC32.
+fn frame_header(kind: &str, len: u64, crc: u32) -> String {
+    format!("ferry-{kind} 1 {len} {crc:08x}\n")
 }
 
 /// Check a framed record and return its body; anything else is an `integrity` error naming `path`.
@@ -189,9 +189,40 @@ pub fn write_record<T: Serialize>(path: &Path, kind: &str, value: &T) -> Result<
     fsio::write_atomic(path, &frame(kind, &body))
 }
 
-/// Write an already-encoded record body durably and atomically.
-pub fn write_record_raw(path: &Path, kind: &str, body: &[u8]) -> Result<()> {
-    fsio::write_atomic(path, &frame(kind, body))
+/// Write a (large) record durably and atomically without holding its encoding in memory: it
+/// is encoded twice, once to learn its length and CRC for the header, once into the file.
+/// Returns the CRC32 of the body (the same as [`frame`] puts in the header).
+pub fn write_record_streamed<T: Serialize>(path: &Path, kind: &str, value: &T) -> Result<u32> {
+    /// Counts and checksums what passes through it on the way to `W`.
+    struct Measure<W>(u64, crc32fast::Hasher, W);
+    impl<W: Write> Write for Measure<W> {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            let n = self.2.write(b)?;
+            self.0 += n as u64;
+            self.1.update(&b[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.2.flush()
+        }
+    }
+    let encode = |w: &mut dyn Write| -> io::Result<(u64, u32)> {
+        let mut m = Measure(0, crc32fast::Hasher::new(), io::BufWriter::new(w));
+        serde_json::to_writer(&mut m, value).map_err(io::Error::other)?;
+        m.flush()?;
+        Ok((m.0, m.1.finalize()))
+    };
+    let (len, crc) =
+        encode(&mut io::sink()).map_err(|e| Error::internal(format!("encode {kind}: {e}")))?;
+    fsio::write_atomic_with(path, &mut |w| {
+        w.write_all(frame_header(kind, len, crc).as_bytes())?;
+        // The encoding is deterministic; checked, since the header vouches for it.
+        match encode(w)? {
+            (l, c) if (l, c) == (len, crc) => Ok(()),
+            _ => Err(io::Error::other("the record encoded differently twice")),
+        }
+    })?;
+    Ok(crc)
 }
 
 /// Read a record; `None` if it does not exist, `integrity` if it does not check out.

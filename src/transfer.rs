@@ -290,13 +290,13 @@ pub fn copy(comm: &dyn Comm, opts: &CopyOptions, run: &RunOptions) -> Result<Sum
         let shared = from_root(comm, || {
             plan::check_paths(&entries, &[])?;
             let plan = make_plan(opts, layout, &td, n, std::mem::take(&mut entries));
-            let body = encode(&plan)?;
             failpoints::hit("plan::walked")?;
-            state::write_record_raw(&td.file(names::PLAN), "plan", &body)?;
+            // Streamed: the plan of millions of files is never held encoded in memory.
+            let crc = state::write_record_streamed(&td.file(names::PLAN), "plan", &plan)?;
             failpoints::hit("plan::written")?;
             let head = plan.header();
             whole = Some(plan);
-            Ok((head, crc32fast::hash(&body)))
+            Ok((head, crc))
         })?;
         let (head, crc): (Plan, u32) = shared;
         Ok((whole.unwrap_or(head), crc))
@@ -571,9 +571,33 @@ type Record = (u32, u64, u32);
 /// What a rank is sent at the start of a run: the plan entries it owns (with their units) and
 /// the journal records of those units.
 #[derive(Debug, Serialize, Deserialize)]
-struct SliceMsg {
-    plan: Plan,
+struct SliceMsg<P = Plan> {
+    plan: P,
     records: Vec<Record>,
+}
+
+/// Rank 0 encodes `make(r)` for each other rank `r` and sends it, one rank at a time (it never
+/// holds all the parts of a large plan at once); every other rank returns its part decoded,
+/// rank 0 `None`. A part that cannot be encoded fails every rank.
+fn send_each<T: Serialize, U: for<'a> Deserialize<'a>>(
+    comm: &dyn Comm,
+    mut make: impl FnMut(usize) -> T,
+) -> Result<Option<U>> {
+    let mut failed = None;
+    let mine = comm.scatter_each(0, &mut |r| {
+        // An empty part tells the rank that its part could not be made.
+        encode(&make(r)).unwrap_or_else(|e| {
+            failed.get_or_insert(e);
+            Vec::new()
+        })
+    });
+    let local = mine.and_then(|bytes| match (comm.rank(), failed) {
+        (0, Some(e)) => Err(e),
+        (0, None) => Ok(None),
+        _ if bytes.is_empty() => Err(Error::internal("rank 0 could not send this rank its part")),
+        _ => decode(&bytes).map(Some),
+    });
+    agree(comm, local)
 }
 
 /// Rank 0 sends every other rank the entries it owns, their units and their journal records.
@@ -585,50 +609,39 @@ fn deliver_owned(
     records: Vec<Record>,
 ) -> Result<(Plan, Vec<Record>)> {
     let (me, n) = (comm.rank(), comm.size());
-    let build = || {
-        let mut ents = vec![std::collections::BTreeSet::new(); n];
-        let mut units = vec![std::collections::BTreeSet::new(); n];
-        for e in 0..plan.n_entries() {
-            let o = plan.owner(e, n);
-            if o != 0 {
-                ents[o].insert(e as u32);
-                units[o].extend(plan.units_of(e));
-            }
-        }
-        let by_unit: HashMap<u32, (u32, u64, u32)> = records.iter().map(|r| (r.0, *r)).collect();
-        (0..n)
-            .map(|r| {
-                if r == 0 {
-                    return Ok(Vec::new());
-                }
-                let recs = units[r]
-                    .iter()
-                    .filter_map(|u| by_unit.get(u).copied())
-                    .collect();
-                encode(&SliceMsg {
-                    plan: plan.slice(&ents[r], &units[r]),
-                    records: recs,
-                })
-            })
-            .collect::<Result<Vec<_>>>()
-    };
-    let parts = agree(comm, if me == 0 { build() } else { Ok(Vec::new()) })?;
-    let mine = comm.scatter(0, &parts)?;
-    drop(parts);
-    if me == 0 {
-        return Ok((plan.header(), records));
+    if me != 0 {
+        let msg: Option<SliceMsg> = send_each(comm, |_| ())?;
+        let msg = msg.ok_or_else(|| Error::internal("no slice from rank 0"))?;
+        return Ok((msg.plan, msg.records));
     }
-    let msg: SliceMsg = decode(&mine)?;
-    Ok((msg.plan, msg.records))
+    let mut ents = vec![std::collections::BTreeSet::new(); n];
+    let mut units = vec![std::collections::BTreeSet::new(); n];
+    for e in 0..plan.n_entries() {
+        let o = plan.owner(e, n);
+        if o != 0 {
+            ents[o].insert(e as u32);
+            units[o].extend(plan.units_of(e));
+        }
+    }
+    let by_unit: HashMap<u32, Record> = records.iter().map(|r| (r.0, *r)).collect();
+    send_each::<_, ()>(comm, |r| SliceMsg {
+        plan: plan.slice_view(&ents[r], &units[r]),
+        records: units[r]
+            .iter()
+            .filter_map(|u| by_unit.get(u).copied())
+            .collect(),
+    })?;
+    Ok((plan.header(), records))
 }
 
 /// What rank 0 tells a rank before the copy: the units it copies, those it verifies, and the
 /// part of the plan it needs for them beyond what it owns.
+/// (Rank 0 encodes it borrowed — `L = &[u32]`, `P = SliceView` — and a rank decodes it owned.)
 #[derive(Debug, Serialize, Deserialize)]
-struct Work {
-    copy: Vec<u32>,
-    verify: Vec<u32>,
-    extra: Option<Plan>,
+struct Work<L = Vec<u32>, P = Plan> {
+    copy: L,
+    verify: L,
+    extra: Option<P>,
 }
 
 fn read_known(td: &TransferDir, plan: &Plan, crc: u32) -> Result<Known> {
@@ -941,30 +954,30 @@ fn run_phases(
             } else {
                 vec![Vec::new(); n]
             };
-            copy.into_iter()
-                .zip(check)
-                .enumerate()
-                .map(|(r, (copy, verify))| {
-                    let extra = (r != 0).then(|| {
-                        let units: std::collections::BTreeSet<u32> =
-                            copy.iter().chain(verify.iter()).copied().collect();
-                        plan.slice(&Default::default(), &units)
-                    });
-                    encode(&Work {
-                        copy,
-                        verify,
-                        extra,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()
+            Ok((copy, check))
         })()
     } else {
-        Ok(Vec::new())
+        Ok((Vec::new(), Vec::new()))
     };
     drop(all_ok);
-    let parts = agree(comm, work)?;
-    let work: Work = decode(&comm.scatter(0, &parts)?)?;
-    drop(parts);
+    let (mut copy, mut check) = agree(comm, work)?;
+    let work: Work = if me == 0 {
+        send_each::<_, ()>(comm, |r| {
+            let units: BTreeSet<u32> = copy[r].iter().chain(check[r].iter()).copied().collect();
+            Work {
+                copy: &copy[r][..],
+                verify: &check[r][..],
+                extra: Some(plan.slice_view(&Default::default(), &units)),
+            }
+        })?;
+        Work {
+            copy: std::mem::take(&mut copy[0]),
+            verify: std::mem::take(&mut check[0]),
+            extra: None,
+        }
+    } else {
+        send_each(comm, |_| ())?.ok_or_else(|| Error::internal("no work from rank 0"))?
+    };
     if let Some(extra) = work.extra {
         slice.absorb(extra);
     }
