@@ -1,9 +1,10 @@
 //! The copy engine: one rank's units, copied by a pool of threads into temporary names.
 //!
 //! A unit is copied from its source file at its offset into the file's temporary name in the
-//! destination directory (`.ferry-ID-N.tmp`, mode 0600, opened without following symlinks), its
-//! CRC32 computed in the same pass, its data fsynced, and only then recorded in the rank's
-//! journal. The source is checked against the plan before and after the copy: a source that
+//! destination directory (`.ferry-ID-N.tmp`, mode 0600, opened without following symlinks) —
+//! large units by `copy_file_range` (falling back to read and write), their CRC32 computed piece
+//! by piece from the page cache as they are copied — its data fsynced (small units: in batches,
+//! by `syncfs`), and only then recorded in the rank's journal. The source is checked against the plan before and after the copy: a source that
 //! changed is an `integrity` error, never a silent mix of old and new bytes. Final names are never
 //! written here; the commit module renames. Cancellation is noticed between buffers.
 
@@ -302,6 +303,11 @@ fn open_nofollow(path: &Path) -> Result<File> {
         .ctx("open", path)
 }
 
+/// Copy bytes `offset..offset + len` of `src` to the same offset of `dst`; returns their CRC32.
+/// Large units go through `copy_file_range` (the kernel moves the bytes, one memory copy instead
+/// of two), each piece then read back from the destination's page cache for its CRC; small
+/// units, file systems without it (EXDEV across file systems, EINVAL, EOPNOTSUPP, ENOSYS) and
+/// `FERRY_NO_COPY_FILE_RANGE=1` use read and write, the CRC computed on the bytes read.
 fn copy_range(
     job: &CopyJob,
     (src, src_path): (&File, &Path),
@@ -313,10 +319,43 @@ fn copy_range(
     let mut h = crc32fast::Hasher::new();
     let mut pos = offset;
     let end = offset + len;
+    let large = len >= SMALL_UNIT;
+    let mut kernel = large && kernel_copy_allowed();
     while pos < end {
         job.stopper.check()?;
         let want = ((end - pos) as usize).min(buf.len());
-        let n = read_at(&job.retry, src, src_path, &mut buf[..want], pos)?;
+        let n = if kernel {
+            match kernel_copy(&job.retry, (src, src_path), dst, pos, want)? {
+                Some(n) if n > 0 => {
+                    // The CRC of what the destination now holds, from its page cache.
+                    let back = &mut buf[..n];
+                    dst.read_exact_at(back, pos).ctx("read", dst_path)?;
+                    h.update(back);
+                    Some(n)
+                }
+                Some(n) => Some(n),
+                None => {
+                    kernel = false;
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let n = match n {
+            Some(n) => n,
+            None => {
+                let n = read_at(&job.retry, src, src_path, &mut buf[..want], pos)?;
+                if n > 0 {
+                    h.update(&buf[..n]);
+                    let chunk = &buf[..n];
+                    job.retry.run("write", || {
+                        dst.write_all_at(chunk, pos).ctx("write", dst_path)
+                    })?;
+                }
+                n
+            }
+        };
         if n == 0 {
             return Err(Error::integrity(
                 src_path,
@@ -324,17 +363,68 @@ fn copy_range(
             )
             .with_op("read"));
         }
-        h.update(&buf[..n]);
-        let chunk = &buf[..n];
-        job.retry.run("write", || {
-            dst.write_all_at(chunk, pos).ctx("write", dst_path)
-        })?;
-        if len >= SMALL_UNIT {
+        if large {
             fsio::start_writeback(dst, pos, n as u64);
         }
         pos += n as u64;
     }
     Ok(h.finalize())
+}
+
+/// Whether `copy_file_range` may be tried: not after it was found unsupported in this process,
+/// nor with `FERRY_NO_COPY_FILE_RANGE=1`.
+fn kernel_copy_allowed() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !KERNEL_COPY_UNSUPPORTED.load(Ordering::Relaxed)
+        && !*OFF.get_or_init(|| {
+            std::env::var_os("FERRY_NO_COPY_FILE_RANGE").is_some_and(|v| !v.is_empty() && v != "0")
+        })
+}
+
+static KERNEL_COPY_UNSUPPORTED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// One `copy_file_range` of up to `want` bytes at `pos`; `Ok(None)` if the file systems cannot
+/// do it (the caller falls back to read and write). Other errors are read errors of the source,
+/// retried as [`read_at`] retries them; a write-side failure (ENOSPC, EDQUOT, EFBIG) is reported
+/// against the source's peer by the fallback path, which the caller takes on the next piece.
+fn kernel_copy(
+    retry: &RetryPolicy,
+    (src, src_path): (&File, &Path),
+    dst: &File,
+    pos: u64,
+    want: usize,
+) -> Result<Option<usize>> {
+    retry.run("read", || {
+        failpoints::io("copy::read", src_path)?;
+        loop {
+            let (mut from, mut to) = (pos, pos);
+            match rustix::fs::copy_file_range(src, Some(&mut from), dst, Some(&mut to), want) {
+                Ok(n) => return Ok(Some(n)),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(
+                    rustix::io::Errno::XDEV
+                    | rustix::io::Errno::INVAL
+                    | rustix::io::Errno::OPNOTSUPP
+                    | rustix::io::Errno::NOSYS,
+                ) => {
+                    KERNEL_COPY_UNSUPPORTED.store(true, Ordering::Relaxed);
+                    return Ok(None);
+                }
+                // Which side failed is not known: the read/write path finds out and names it.
+                Err(
+                    rustix::io::Errno::NOSPC
+                    | rustix::io::Errno::DQUOT
+                    | rustix::io::Errno::FBIG
+                    | rustix::io::Errno::ROFS
+                    | rustix::io::Errno::BADF
+                    | rustix::io::Errno::PERM
+                    | rustix::io::Errno::ACCESS,
+                ) => return Ok(None),
+                Err(e) => return Err(Error::io("read", src_path, e.into())),
+            }
+        }
+    })
 }
 
 /// Read at an offset: EINTR is repeated at once, other transient errors (EAGAIN, ETIMEDOUT, EIO

@@ -261,7 +261,10 @@ fn is_dir_or_link_to_dir(d: &Path) -> Result<bool> {
 /// (then its directory entry is not yet durable: fsync the parent before trusting it).
 pub fn open_temp(path: &Path) -> Result<(File, bool)> {
     let mut o = OpenOptions::new();
-    o.write(true).mode(0o600).custom_flags(libc::O_NOFOLLOW);
+    o.read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW);
     match o.clone().create_new(true).open(path) {
         Ok(f) => Ok((f, true)),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {

@@ -170,12 +170,43 @@ fn a_full_destination_stops_with_resource_loses_nothing_and_resumes_once_space_i
 }
 
 #[test]
+fn large_files_copy_identically_across_file_systems_and_without_copy_file_range() {
+    // copy_file_range fails with EXDEV between file systems (here a tmpfs source and the scratch
+    // disk): ferry falls back to read and write. FERRY_NO_COPY_FILE_RANGE forces the fallback.
+    let s = Scratch::new();
+    let Some(_fs) = Tmpfs::mount(&s.path("mem"), "size=64m") else {
+        panic!("mounting a tmpfs is not permitted here: the cross-file-system case cannot run");
+    };
+    let mut r = Rng::new(12);
+    write_file(&s.path("mem/src/a"), (20 << 20) + 7, &mut r);
+    write_file(&s.path("mem/src/b"), 9 << 20, &mut r);
+    expect_code(
+        &s.run(&["copy", "--chunk-size", "8MiB", "mem/src", "dst1"]),
+        0,
+    );
+    assert_same_tree(&s.path("mem/src"), &s.path("dst1"));
+    // The other way (disk to disk, same file system) without copy_file_range.
+    let o = s
+        .ferry()
+        .env("FERRY_NO_COPY_FILE_RANGE", "1")
+        .args(["copy", "--chunk-size", "8MiB", "dst1", "dst2"])
+        .output()
+        .unwrap();
+    expect_code(&o, 0);
+    assert_same_tree(&s.path("mem/src"), &s.path("dst2"));
+    let id = id_of(&o);
+    expect_code(&s.run(&["verify", &id]), 0);
+}
+
+#[test]
 fn a_file_size_limit_is_a_resource_error_not_a_silent_death() {
     let s = Scratch::new();
     let src = s.path("src");
     let mut r = Rng::new(9);
     write_file(&src.join("small"), 100_000, &mut r);
     write_file(&src.join("big"), 3 << 20, &mut r);
+    // Above the small-unit size: copied with copy_file_range, whose EFBIG must name the file too.
+    write_file(&src.join("huge"), 12 << 20, &mut r);
     let mut c = s.ferry();
     c.args(["copy", "--id", "fsize", "src", "dst"]);
     // SAFETY: setrlimit(2) in the child before exec; no allocation, no locks.
