@@ -23,9 +23,11 @@ lint: deps
 	$(CARGO) clippy --all-targets --features failpoints -- -D warnings
 	$(CARGO) clippy --all-targets --no-default-features -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --quiet
+	shellcheck -S warning -x -P slurm slurm/*.sbatch slurm/*.sh scripts/*.sh
 
 # Every test: unit tests, the integration suite (real binary, in-process ranks, SIGKILL and
-# failpoint crashes), mpi-tests/ (the real binary under mpirun -n 1..8 and srun) and the PR tier
+# failpoint crashes), mpi-tests/ (the real binary under mpirun -n 1..8 and srun, and the job
+# scripts of slurm/ submitted with sbatch, one of them stopped by its time-limit warning) and the PR tier
 # of the crash matrix. One build with the
 # failpoints feature serves all of them. A one-node Slurm cluster (scripts/slurm-cluster.sh) runs
 # for the srun tests and is stopped afterwards.

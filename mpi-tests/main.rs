@@ -7,6 +7,8 @@
 #[path = "../tests/it/util.rs"]
 mod util;
 
+mod slurm;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

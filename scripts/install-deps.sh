@@ -22,6 +22,8 @@ for pair in "slurmctld:slurmctld" "slurmd:slurmd" "sbatch:slurm-client" "munged:
   cmd=${pair%%:*}; pkg=${pair##*:}
   have_cmd "$cmd" || [ -x "/usr/sbin/$cmd" ] || need_pkgs+=("$pkg")
 done
+# make lint checks the job scripts of slurm/ and scripts/.
+have_cmd shellcheck || need_pkgs+=(shellcheck)
 # /usr/bin/time -v reports peak memory per rank (docs, issue notes).
 [ -x /usr/bin/time ] || need_pkgs+=(time)
 

@@ -18,10 +18,17 @@ use ferry::status::{self, Status};
 use ferry::transfer::{self, CopyOptions, RunOptions, Summary};
 use ferry::{Error, Layout};
 
+/// `ferry --version`: the version and the optional parts built in (what a job script or a
+/// package's smoke test checks).
+#[cfg(feature = "mpi")]
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (+mpi)");
+#[cfg(not(feature = "mpi"))]
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (~mpi)");
+
 #[derive(Parser, Debug)]
 #[command(
     name = "ferry",
-    version,
+    version = VERSION,
     about = "Parallel, resumable, crash-consistent staging between storage tiers",
     long_about = "ferry copies datasets between storage tiers with every rank of a job at once. \
                   Killed at any instant, `ferry resume ID` finishes the job; the destination is \
