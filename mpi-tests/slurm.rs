@@ -236,6 +236,59 @@ fn a_flush_stopped_by_its_time_limit_warning_is_committed_by_its_follow_up_job()
 }
 
 #[test]
+fn a_flush_without_a_warning_killed_at_its_time_limit_is_resumed_by_its_follow_up() {
+    if !have_cluster() {
+        return;
+    }
+    // The user forgot `--signal`: the job runs into its limit and Slurm sends SIGTERM to the
+    // script and the srun step at once; ferry stops on it (exit 3) within KillWait.
+    let s = Scratch::new();
+    let src = s.path("ckpt");
+    small_files(&src, 4, 100, 16 << 10, 8);
+    let jobs = job_dir(&s);
+    let script = fs::read_to_string(jobs.join("checkpoint-flush.sbatch")).unwrap();
+    let forgot: String = script
+        .lines()
+        .filter(|l| !l.starts_with("#SBATCH --signal"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    fs::write(jobs.join("flush-no-warning.sbatch"), forgot).unwrap();
+    let dst = s.path("pfs/ckpt");
+    let o = piped(&mut sbatch(
+        &s,
+        "flush-no-warning.sbatch",
+        &[
+            ("FERRY_SRC", text(&src)),
+            ("FERRY_DST", text(&dst)),
+            ("FERRY_ID", "ckpt-t"),
+            ("FERRY_ARGS", "--threads 1"),
+            // 400 units of 1 s on 4 ranks: 100 s, longer than the job's minute.
+            ("FERRY_FAILPOINTS", "copy::unit_written=delay(1000)"),
+        ],
+        &["--time=1"],
+    ));
+    let (job1, _) = job_log(&s, &o);
+    let o = piped(&mut sbatch(
+        &s,
+        "resume.sbatch",
+        &[("FERRY_ID", "ckpt-t")],
+        &[&format!("--dependency=afterany:{job1}"), "--wait"],
+    ));
+    let (_, log2) = job_log(&s, &o);
+    let log1 = fs::read_to_string(s.path(&format!("job-{job1}.out"))).unwrap();
+    eprintln!("flush job {job1} (no warning):\n{log1}\nfollow-up:\n{log2}");
+    assert_eq!(job_state(&job1).0, "TIMEOUT", "{log1}");
+    assert!(
+        log1.contains("stopping every rank") && log1.contains("interrupted and resumable"),
+        "ferry stopped on the limit's signal and said so: {log1}"
+    );
+    assert!(o.status.success(), "{log2}");
+    assert!(log2.contains("already durable"), "{log2}");
+    assert_same_tree(&src, &dst);
+    assert_eq!(status_of(&s, "ckpt-t")["state"], "committed");
+}
+
+#[test]
 fn a_flush_under_mpirun_stops_on_the_forwarded_signal_and_resumes() {
     if !have_cluster() {
         return;

@@ -5,7 +5,9 @@
 //!   work at its next check (between buffers of a copy, between directories of a walk), flushes
 //!   its journal and ends with an `interrupted` error; the transfer stays resumable. A second
 //!   signal ends the process at once with exit code 3 — still resumable, since nothing ferry
-//!   trusts is ever only in memory. SIGXFSZ is ignored, so a file-size limit is an `EFBIG` error
+//!   trusts is ever only in memory. Signals within [`REPEAT`] of the first are one request that
+//!   came by several paths (a Slurm time limit signals the step, srun and the job script, which
+//!   all pass it on), not a second one. SIGXFSZ is ignored, so a file-size limit is an `EFBIG` error
 //!   (class `resource`) instead of a silent death.
 //! * **Peers.** A signal delivered to one rank, or an error on one rank, must stop every rank
 //!   promptly, not when the others reach the end of their copy phase. The rank that stops writes a
@@ -23,7 +25,7 @@
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -47,6 +49,12 @@ static SIGNAL_AT: Mutex<Option<Instant>> = Mutex::new(None);
 /// does not come has died, and the launcher may only kill the job after its grace time (Slurm's
 /// KillWait, 30 s by default).
 pub const GRACE: Duration = Duration::from_secs(1);
+/// Stopping signals within this time of the first are the same request arriving by several
+/// paths (at a Slurm time limit the step, srun and the job script each pass SIGTERM or SIGUSR1
+/// on; Open MPI's mpirun passes SIGTERM on ~2.2 s late), not a second one.
+pub const REPEAT: Duration = Duration::from_secs(3);
+/// When the first stopping signal arrived, in milliseconds of CLOCK_MONOTONIC (set by the handler).
+static FIRST_MS: AtomicU64 = AtomicU64::new(0);
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 /// The run is over and the process is ending: a further signal ends it quietly.
 static FINISHING: AtomicBool = AtomicBool::new(false);
@@ -118,6 +126,17 @@ pub fn sleep(d: Duration) -> Result<()> {
     }
 }
 
+/// CLOCK_MONOTONIC in milliseconds; async-signal-safe (clock_gettime(2) is).
+fn monotonic_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills the struct we own; it is async-signal-safe.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
 /// Make SIGTERM, SIGINT and SIGUSR1 stop runs of this process (see the module docs); ignore
 /// SIGXFSZ. `rank` is the rank the process speaks for. Installing twice is harmless.
 pub fn install_signal_handlers(rank: usize) -> Result<()> {
@@ -136,9 +155,16 @@ pub fn install_signal_handlers(rank: usize) -> Result<()> {
         // SAFETY: the action only uses atomics, write(2) and _exit(2), all async-signal-safe.
         unsafe {
             signal_hook::low_level::register(sig, move || {
-                if SIGNAL
+                // The first signal's time is kept before the signal itself, so a repeat always
+                // finds it.
+                let now = monotonic_ms().max(1);
+                let _ = FIRST_MS.compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst);
+                let repeat = SIGNAL
                     .compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_err()
+                    .is_err();
+                if repeat
+                    && now.saturating_sub(FIRST_MS.load(Ordering::SeqCst))
+                        >= REPEAT.as_millis() as u64
                 {
                     if !FINISHING.load(Ordering::SeqCst) {
                         let msg = b"ferry: second signal: exiting now; the transfer stays resumable (ferry resume ID)\n";
@@ -156,15 +182,21 @@ pub fn install_signal_handlers(rank: usize) -> Result<()> {
         .spawn(move || {
             crate::comm::set_thread_rank(r, size);
             let mut b = [0u8; 1];
+            let mut told = false;
             while matches!(wake.read(&mut b), Ok(1)) {
                 if let Some(s) = signal().filter(|_| !FINISHING.load(Ordering::SeqCst)) {
+                    if told {
+                        // A repeat within the window: the same request, already told.
+                        continue;
+                    }
+                    told = true;
                     SIGNAL_AT
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .get_or_insert_with(Instant::now);
                     log::warn!(
                         "received {}: stopping every rank; the transfer stays resumable \
-                         (a second signal exits at once)",
+                         (a second signal, 3 s or more later, exits at once)",
                         signal_name(s)
                     );
                     publish(&signalled(s));
