@@ -16,6 +16,17 @@ ferry_die() {
   exit 2
 }
 
+# From the moment this file is sourced, a stopping signal (the time-limit warning, scancel) is
+# remembered, not fatal: bash would otherwise end the script at once, and a warning that comes
+# during the computation would cost the stage-out. ferry_run passes it on to ferry.
+FERRY_PENDING=
+trap 'FERRY_PENDING=1; echo "ferry job: stop signal received; ferry will be told to stop" >&2' USR1 TERM INT
+
+# ferry_need NAME MESSAGE: a required knob.
+ferry_need() {
+  [ -n "${!1:-}" ] || ferry_die "$1 is not set: $2"
+}
+
 # Resolve the binary and the launcher; fail early, before anything is copied, with a message that
 # says what to change.
 ferry_check() {
@@ -29,7 +40,10 @@ ferry_check() {
   case "${FERRY_LAUNCH:-srun}" in
     srun)
       command -v srun >/dev/null || ferry_die "FERRY_LAUNCH=srun but srun is not on PATH"
-      FERRY_LAUNCHER=(srun "--mpi=${FERRY_SRUN_MPI:-pmix}" --ntasks="$FERRY_RANKS" --kill-on-bad-exit=1)
+      # srun does not inherit sbatch's --cpus-per-task (Slurm ≥ 22.05): pass it, so each rank's
+      # copy threads get the CPUs the job asked for.
+      FERRY_LAUNCHER=(srun "--mpi=${FERRY_SRUN_MPI:-pmix}" --ntasks="$FERRY_RANKS" --kill-on-bad-exit=1
+        ${SLURM_CPUS_PER_TASK:+"--cpus-per-task=$SLURM_CPUS_PER_TASK"})
       ;;
     mpirun)
       command -v mpirun >/dev/null || ferry_die "FERRY_LAUNCH=mpirun but mpirun is not on PATH (load your MPI module)"
@@ -49,10 +63,17 @@ ferry_check() {
 # (mpirun delays TERM by ~2 s), and ferry stops, saves its state and exits 3 (`interrupted`).
 # Never trap SIGCONT: Slurm sends it just before the warning, and a trap on it loses the signal.
 ferry_run() {
+  if [ -n "$FERRY_PENDING" ]; then
+    echo "ferry job: a stop signal came before ferry started: not starting it" >&2
+    FERRY_NOT_STARTED=1
+    return 3
+  fi
   "${FERRY_LAUNCHER[@]}" "$FERRY" "$@" &
   local pid=$! rc
   # shellcheck disable=SC2064 # the pid is fixed now
   trap "echo 'ferry job: signal received, asking ferry to save its state and stop' >&2; kill -USR1 $pid 2>/dev/null" USR1 TERM INT
+  # A signal between the launch and the trap above was remembered: pass it on now.
+  [ -z "$FERRY_PENDING" ] || kill -USR1 "$pid" 2>/dev/null || true
   while :; do
     # `wait` returns early (>128) when a trapped signal arrives; ferry then still runs.
     wait "$pid" && rc=0 || rc=$?
@@ -64,12 +85,34 @@ ferry_run() {
   return "$rc"
 }
 
-# Say what an exit code means for the job's log.
+# Copy SRC to DST as transfer ID — or, if the transfer already exists (the job was requeued, or
+# this is a rerun of the same script), resume it. Extra ferry options follow the ID.
+ferry_copy_or_resume() {
+  local id=$1 src=$2 dst=$3
+  shift 3
+  if "$FERRY" status "$id" >/dev/null 2>&1; then
+    echo "ferry job: transfer $id exists (a requeued or repeated job): resuming it"
+    ferry_run resume "$id"
+  else
+    ferry_run copy --id "$id" "$@" "$src" "$dst"
+  fi
+}
+
+# Say what an exit code means for the job's log (ferry's own message above names the cause).
 ferry_explain() {
-  local rc=$1 id=$2
+  local rc=$1 id=$2 next
+  next="\`ferry resume $id\` (or slurm/resume.sbatch with FERRY_ID=$id)"
+  if [ -n "${FERRY_NOT_STARTED:-}" ]; then
+    echo "ferry job: transfer $id was not started; submit this script again with FERRY_ID=$id (without FERRY_APP): it copies, or resumes what exists" >&2
+    return
+  fi
   case $rc in
     0) echo "ferry job: transfer $id committed" ;;
-    3) echo "ferry job: transfer $id interrupted and resumable: \`ferry resume $id\` (or slurm/resume.sbatch with FERRY_ID=$id) finishes it" >&2 ;;
-    *) echo "ferry job: transfer $id failed with exit code $rc (see the error above and docs/errors.md); after fixing the cause, \`ferry resume $id\`" >&2 ;;
+    3) echo "ferry job: transfer $id interrupted and resumable: $next finishes it" >&2 ;;
+    4) echo "ferry job: transfer $id was cancelled; start a new copy if it is still wanted" >&2 ;;
+    5 | 6 | 7) echo "ferry job: transfer $id stopped (exit $rc: see the error above); once the cause is fixed, $next" >&2 ;;
+    8) echo "ferry job: transfer $id stopped on an integrity error (exit 8): nothing was committed; check the file named above (docs/errors.md)" >&2 ;;
+    2) echo "ferry job: ferry refused the request (exit 2, usage): fix what the message above names" >&2 ;;
+    *) echo "ferry job: ferry failed with exit code $rc (see above and docs/errors.md)" >&2 ;;
   esac
 }

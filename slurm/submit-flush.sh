@@ -12,6 +12,8 @@ shift 3
 command -v sbatch >/dev/null || { echo "$0: sbatch not found: run this where Slurm's commands are" >&2; exit 2; }
 here=$(cd "$(dirname "$0")" && pwd)
 export FERRY_JOB_SH=${FERRY_JOB_SH:-$here/ferry-job.sh}
-flush=$(sbatch --parsable "$@" --export="ALL,FERRY_SRC=$src,FERRY_DST=$dst,FERRY_ID=$id" "$here/checkpoint-flush.sbatch")
-follow=$(sbatch --parsable "$@" --dependency="afterany:${flush%%;*}" --export="ALL,FERRY_ID=$id" "$here/resume.sbatch")
+# Passed through the environment (--export=ALL), so paths with commas survive.
+export FERRY_SRC=$src FERRY_DST=$dst FERRY_ID=$id
+flush=$(sbatch --parsable --export=ALL "$@" "$here/checkpoint-flush.sbatch")
+follow=$(sbatch --parsable --export=ALL "$@" --dependency="afterany:${flush%%;*}" "$here/resume.sbatch")
 echo "flush job ${flush%%;*}, follow-up job ${follow%%;*} (transfer $id)"
