@@ -168,6 +168,8 @@ pub fn parent_of(path: &Path) -> &Path {
 }
 
 /// Remove leftovers of interrupted [`write_atomic`] calls in `dir` (names `*.tmp-<pid>-<n>`).
+/// One that may still be in use — its process is alive here and it is younger than a minute
+/// (another process, e.g. `ferry cancel`, writing a record at this moment) — is left alone.
 pub fn clean_atomic_leftovers(dir: &Path) -> Result<usize> {
     let mut n = 0;
     let rd = match fs::read_dir(dir) {
@@ -178,12 +180,29 @@ pub fn clean_atomic_leftovers(dir: &Path) -> Result<usize> {
     for ent in rd {
         let ent = ent.ctx("read-dir", dir)?;
         let name = ent.file_name().into_vec();
-        if is_atomic_tmp_name(&name) {
+        if is_atomic_tmp_name(&name) && !maybe_in_use(&name, &ent.path()) {
             remove_file(&ent.path())?;
             n += 1;
         }
     }
     Ok(n)
+}
+
+/// Whether the writer of an atomic-write leftover may still be writing it (see
+/// [`clean_atomic_leftovers`]).
+fn maybe_in_use(name: &[u8], path: &Path) -> bool {
+    let s = String::from_utf8_lossy(name);
+    let pid = s
+        .rfind(".tmp-")
+        .and_then(|at| s[at + 5..].split('-').next()?.parse::<i32>().ok());
+    // SAFETY: kill(2) with signal 0 only checks that the process exists.
+    let alive = pid.is_some_and(|p| p > 0 && unsafe { libc::kill(p, 0) } == 0);
+    let young = fs::symlink_metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age < std::time::Duration::from_secs(60));
+    alive && young
 }
 
 fn is_atomic_tmp_name(name: &[u8]) -> bool {
@@ -367,11 +386,16 @@ mod tests {
     #[test]
     fn leftovers_of_atomic_writes_are_recognised() {
         let d = tempfile::tempdir().unwrap();
-        fs::write(d.path().join("commit.tmp-123-4"), b"x").unwrap();
+        // A pid above any pid_max: its writer is gone.
+        fs::write(d.path().join("commit.tmp-99999999-4"), b"x").unwrap();
         fs::write(d.path().join("data.tmp-x"), b"keep").unwrap();
         fs::write(d.path().join("plan"), b"keep").unwrap();
+        // A live process's fresh one may be mid-write (a cancel request while a run starts).
+        let mine = format!("cancel-request.tmp-{}-1", std::process::id());
+        fs::write(d.path().join(&mine), b"keep").unwrap();
         assert_eq!(clean_atomic_leftovers(d.path()).unwrap(), 1);
-        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 2);
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 3);
+        assert!(d.path().join(mine).exists());
     }
 
     #[test]

@@ -43,6 +43,7 @@ pub mod state;
 pub mod status;
 pub mod stop;
 pub mod transfer;
+pub mod xfer;
 
 pub use comm::{Comm, SingleComm, ThreadComm};
 pub use error::{Error, ErrorClass, Result};

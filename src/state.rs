@@ -33,6 +33,9 @@ pub mod names {
     pub const CANCELLED: &str = "cancelled";
     /// How the last run ended, if it failed.
     pub const OUTCOME: &str = "outcome";
+    /// The last run stopped on purpose once every unit was durable, before the decision (the
+    /// library API's dispatch); removed when the next run starts.
+    pub const PREPARED: &str = "prepared";
     /// Sources removed after the commit (`--delete-source`).
     pub const SOURCES_REMOVED: &str = "sources-removed";
     /// The lock a live run holds (rank 0).

@@ -275,6 +275,11 @@ fn fill(td: &TransferDir, st: &mut Status) -> Result<()> {
             st.state = State::Interrupted;
             st.error = Some(o.error);
         }
+        // A run that stopped on purpose with every unit durable (a library dispatch that only
+        // prepares); resume commits without copying.
+        None if decision.is_none() && td.file(names::PREPARED).exists() => {
+            st.state = State::Prepared
+        }
         None => st.state = State::Interrupted,
     }
     Ok(())

@@ -68,6 +68,11 @@ pub struct CopyOptions {
     pub register: bool,
     /// Leave out sockets, FIFOs and device files (with a warning) instead of refusing them.
     pub skip_special: bool,
+    /// Explicit source → destination pairs (the library API's `add`, AXL's `AXL_Add`): each
+    /// source (a file, or a directory copied as a tree) goes exactly to its destination path.
+    /// When not empty, `sources` and `dest` only describe the transfer, and `state_dir` must be
+    /// given.
+    pub pairs: Vec<(PathBuf, PathBuf)>,
 }
 
 impl CopyOptions {
@@ -85,6 +90,7 @@ impl CopyOptions {
             verify: false,
             register: true,
             skip_special: false,
+            pairs: Vec::new(),
         }
     }
 }
@@ -106,6 +112,10 @@ pub struct RunOptions {
     pub announce: Option<Announce>,
     /// How transient errors are retried.
     pub retry: RetryPolicy,
+    /// Stop once every unit is durable under its temporary name, before the commit decision
+    /// (state `prepared`); a later `resume` commits without copying. The library API's collective
+    /// wait uses it: ranks commit only after all of them prepared.
+    pub prepare_only: bool,
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -219,6 +229,11 @@ fn default_state_dir(dest_t: &OsStr, dest_is_dir: bool) -> PathBuf {
 
 /// Run `ferry copy` on this rank.
 pub fn copy(comm: &dyn Comm, opts: &CopyOptions, run: &RunOptions) -> Result<Summary> {
+    if !opts.pairs.is_empty() && comm.size() > 1 {
+        return Err(Error::usage(
+            "explicit source/destination pairs are one rank's transfer: run them on one rank",
+        ));
+    }
     let (me, n) = (comm.rank(), comm.size());
     same_command(
         comm,
@@ -238,14 +253,14 @@ pub fn copy(comm: &dyn Comm, opts: &CopyOptions, run: &RunOptions) -> Result<Sum
     )?;
     // Every rank resolves its own paths; any bad input stops all of them.
     let local = resolve_inputs(opts, me);
-    let (layout, srcs, dst) = agree(comm, local)?;
+    let (layout, roots, dst) = agree(comm, local)?;
 
     // Rank 0 names the transfer, makes its state directory and takes the lock.
     let mut lock = None;
     let mut made = Vec::new();
     let td: TransferDir = {
         let local = if me == 0 {
-            setup_new_transfer(opts, &srcs, &dst).map(|(td, l, m)| {
+            setup_new_transfer(opts, &roots, &dst).map(|(td, l, m)| {
                 lock = Some(l);
                 made = m;
                 td
@@ -266,13 +281,7 @@ pub fn copy(comm: &dyn Comm, opts: &CopyOptions, run: &RunOptions) -> Result<Sum
     let result = (|| {
         let walked = match layout {
             Layout::Shared if me != 0 => Ok(Vec::new()),
-            _ => walk_mine(
-                &srcs,
-                &dst,
-                &td,
-                (layout == Layout::Local).then_some(me),
-                opts,
-            ),
+            _ => walk_mine(&roots, &td, (layout == Layout::Local).then_some(me), opts),
         };
         // Shared: rank 0 walked everything and keeps it. Local: every rank's list goes to rank 0.
         let mut entries: Vec<Entry> = Vec::new();
@@ -314,11 +323,14 @@ pub fn copy(comm: &dyn Comm, opts: &CopyOptions, run: &RunOptions) -> Result<Sum
     execute(comm, &td, &plan, crc, run, lock)
 }
 
+/// A source and where it goes.
+type Root = (PathBuf, PathBuf);
+
 fn resolve_inputs(
     opts: &CopyOptions,
     me: usize,
-) -> Result<(Layout, Vec<PathBuf>, (PathBuf, OsString))> {
-    if opts.sources.is_empty() {
+) -> Result<(Layout, Vec<Root>, (PathBuf, OsString))> {
+    if opts.sources.is_empty() && opts.pairs.is_empty() {
         return Err(Error::usage("no source given: ferry copy SRC... DST"));
     }
     if opts.chunk_size == 0 {
@@ -326,6 +338,9 @@ fn resolve_inputs(
     }
     if opts.threads == 0 {
         return Err(Error::usage("--threads must be at least 1"));
+    }
+    if !opts.pairs.is_empty() {
+        return resolve_pairs(opts);
     }
     let src_rank = opts.sources.iter().any(|s| plan::has_rank(s));
     let layout = opts.layout.unwrap_or(if src_rank {
@@ -341,12 +356,7 @@ fn resolve_inputs(
     let mut srcs = Vec::new();
     for s in &opts.sources {
         let p = plan::subst_rank(s, me);
-        if std::fs::symlink_metadata(&p).is_err() {
-            return Err(Error::new(ErrorClass::NotFound, "source does not exist")
-                .with_path(&p)
-                .with_op("stat"));
-        }
-        srcs.push(plan::absolute(&p)?);
+        srcs.push(existing_source(&p)?);
     }
     let dst_typed = plan::subst_rank(&opts.dest, me).into_os_string();
     let dst = plan::absolute(Path::new(&dst_typed))?;
@@ -362,7 +372,43 @@ fn resolve_inputs(
             .collect();
         DestLock::acquire(&dirs, false)?;
     }
-    Ok((layout, srcs, (dst, dst_typed)))
+    Ok((layout, roots, (dst, dst_typed)))
+}
+
+/// The absolute path of a source that exists (`not-found` otherwise).
+fn existing_source(p: &Path) -> Result<PathBuf> {
+    if std::fs::symlink_metadata(p).is_err() {
+        return Err(Error::new(ErrorClass::NotFound, "source does not exist")
+            .with_path(p)
+            .with_op("stat"));
+    }
+    plan::absolute(p)
+}
+
+/// Explicit pairs: one rank's own list (no `{rank}`, no layout to choose), its state directory
+/// given by the caller.
+fn resolve_pairs(opts: &CopyOptions) -> Result<(Layout, Vec<Root>, (PathBuf, OsString))> {
+    if opts.state_dir.is_none() {
+        return Err(Error::usage(
+            "a transfer of explicit source/destination pairs needs its state directory",
+        ));
+    }
+    if opts.layout == Some(Layout::Local) {
+        return Err(Error::usage(
+            "explicit pairs are copied in the shared layout",
+        ));
+    }
+    let mut roots = Vec::new();
+    for (s, d) in &opts.pairs {
+        if d.as_os_str().is_empty() {
+            return Err(Error::usage("an empty destination path").with_path(s));
+        }
+        roots.push((existing_source(s)?, plan::absolute(d)?));
+    }
+    plan::check_paths(&[], &roots)?;
+    let first = roots[0].1.clone();
+    let typed = first.clone().into_os_string();
+    Ok((Layout::Shared, roots, (first, typed)))
 }
 
 /// Remove what [`setup_new_transfer`] made for a transfer that never got a plan: its directory,
@@ -381,7 +427,7 @@ fn undo_setup(td: &TransferDir, made: &[PathBuf], register: bool) {
 /// to make (deepest first), so a run that stops before its plan is durable leaves nothing behind.
 fn setup_new_transfer(
     opts: &CopyOptions,
-    srcs: &[PathBuf],
+    roots: &[Root],
     dst: &(PathBuf, OsString),
 ) -> Result<(TransferDir, Lock, Vec<PathBuf>)> {
     let id = match &opts.id {
@@ -394,8 +440,8 @@ fn setup_new_transfer(
     let state_dir = match &opts.state_dir {
         Some(d) => plan::absolute(d)?,
         None => {
-            let dest_is_dir = srcs.len() > 1
-                || srcs.first().is_some_and(|s| s.is_dir())
+            let dest_is_dir = roots.len() > 1
+                || roots.first().is_some_and(|(s, _)| s.is_dir())
                 || dst.1.as_bytes().ends_with(b"/")
                 || dst.0.is_dir();
             let d = if plan::has_rank(&opts.dest) {
@@ -455,25 +501,23 @@ fn make_transfer_dir(td: &TransferDir, state_dir: &Path) -> Result<()> {
 }
 
 fn walk_mine(
-    srcs: &[PathBuf],
-    dst: &(PathBuf, OsString),
+    roots: &[Root],
     td: &TransferDir,
     holder: Option<usize>,
     opts: &CopyOptions,
 ) -> Result<Vec<Entry>> {
-    let roots = plan::roots(srcs, &dst.0, &dst.1)?;
     let state_dir = fsio::parent_of(&td.path).to_path_buf();
     let mut entries = Vec::new();
     let mut report = plan::WalkReport {
         skip_special: opts.skip_special,
         ..Default::default()
     };
-    for (s, d) in &roots {
+    for (s, d) in roots {
         // Never copy ferry's own state: this transfer's, or an earlier one kept in the source.
         let exclude = vec![state_dir.clone(), s.join(".ferry")];
         entries.extend(plan::walk(s, d, &exclude, holder, &mut report)?);
     }
-    plan::check_paths(&entries, &roots)?;
+    plan::check_paths(&entries, roots)?;
     Ok(entries)
 }
 
@@ -659,8 +703,9 @@ fn read_known(td: &TransferDir, plan: &Plan, crc: u32) -> Result<Known> {
         journal::scan(td, plan, crc)?
     };
     // A new run starts: the last run's outcome and stop notice no longer describe the transfer.
-    let stale_stop = fsio::remove_file(&td.file(names::STOP))?;
-    if commit.is_none() && fsio::remove_file(&td.file(names::OUTCOME))? || stale_stop {
+    let stale =
+        fsio::remove_file(&td.file(names::STOP))? | fsio::remove_file(&td.file(names::PREPARED))?;
+    if commit.is_none() && fsio::remove_file(&td.file(names::OUTCOME))? || stale {
         fsio::fsync_dir(&td.path)?;
     }
     let mut records: Vec<(u32, u64, u32)> = scan
@@ -1059,6 +1104,23 @@ fn run_phases(
 
     // Decision: every unit is durable under its temporary name.
     sum.state = State::Prepared;
+    if run.prepare_only && !known.decided {
+        let noted = if me == 0 {
+            let rec = state::Decision {
+                time: state::now(),
+                attempt: known.attempt,
+            };
+            state::write_record(&td.file(names::PREPARED), "prepared", &rec)
+        } else {
+            Ok(())
+        };
+        agree(comm, noted)?;
+        log::info!(
+            "transfer {} prepared: every unit is durable under its temporary name; not committed",
+            plan.id
+        );
+        return Ok(());
+    }
     let decided = if me == 0 {
         (|| {
             if crcs.len() != plan.n_units() {

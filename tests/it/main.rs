@@ -16,3 +16,4 @@ mod layouts;
 mod lifecycle;
 #[cfg(feature = "failpoints")]
 mod signals;
+mod xfer;

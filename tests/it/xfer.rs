@@ -1,0 +1,193 @@
+//! The asynchronous library API (`ferry::xfer`): dispatch returns at once, test does not block,
+//! wait commits; a process killed mid-flush is taken up by another one from the state alone.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry::xfer::Xfer;
+use ferry::{ErrorClass, State};
+
+use crate::util::*;
+
+/// A checkpoint-like set of files and where each goes (explicit pairs, different directories).
+fn checkpoint(s: &Scratch, files: u64, size: u64) -> Vec<(PathBuf, PathBuf)> {
+    let mut r = Rng::new(21);
+    (0..files)
+        .map(|i| {
+            let src = s.path(&format!("cache/rank{}/ckpt.{i}", i % 3));
+            write_file(&src, size + i, &mut r);
+            (src, s.path(&format!("pfs/set{}/file{i}.dat", i % 2)))
+        })
+        .collect()
+}
+
+fn same_bytes(pairs: &[(PathBuf, PathBuf)]) {
+    for (s, d) in pairs {
+        assert_eq!(
+            std::fs::read(s).unwrap(),
+            std::fs::read(d).unwrap_or_default(),
+            "{}",
+            d.display()
+        );
+    }
+}
+
+#[test]
+fn dispatch_returns_test_reports_and_wait_commits_every_pair() {
+    let s = Scratch::new();
+    let pairs = checkpoint(&s, 12, 3 << 20);
+    let state = s.path("state");
+    let mut x = Xfer::create("flush-1", &state).unwrap();
+    for (a, b) in &pairs {
+        x.add(a, b).unwrap();
+    }
+    x.set_threads(2);
+    x.dispatch().unwrap();
+    // The caller computes meanwhile; test never blocks and eventually says done.
+    wait_for(Duration::from_secs(120), || x.test().done);
+    let p = x.test();
+    assert_eq!(
+        p.bytes_total,
+        pairs
+            .iter()
+            .map(|(a, _)| a.metadata().unwrap().len())
+            .sum::<u64>()
+    );
+    assert_eq!(p.bytes_done, p.bytes_total);
+    // Prepared, not yet committed: no final name exists before wait.
+    assert!(pairs.iter().all(|(_, d)| !d.exists()));
+    let td = ferry::state::TransferDir::new(&state, "flush-1");
+    assert_eq!(ferry::status::status(&td).state, State::Prepared);
+    let sum = x.wait().unwrap();
+    assert_eq!(sum.state, State::Committed);
+    same_bytes(&pairs);
+    let st = ferry::status::status(&ferry::state::TransferDir::new(&state, "flush-1"));
+    assert_eq!(st.state, State::Committed);
+    // Waiting again is harmless; adding after dispatch is refused.
+    assert_eq!(x.wait().unwrap().state, State::Committed);
+    assert_eq!(
+        x.add(&pairs[0].0, s.path("late")).unwrap_err().class,
+        ErrorClass::Usage
+    );
+}
+
+#[test]
+fn misuse_is_a_usage_error_and_touches_nothing() {
+    let s = Scratch::new();
+    let state = s.path("state");
+    let mut x = Xfer::create("empty", &state).unwrap();
+    assert_eq!(
+        x.wait().unwrap_err().class,
+        ErrorClass::Usage,
+        "wait before dispatch"
+    );
+    assert_eq!(
+        x.dispatch().unwrap_err().class,
+        ErrorClass::Usage,
+        "nothing added"
+    );
+    assert!(Xfer::create("bad/name", &state).is_err());
+    let mut y = Xfer::create("missing", &state).unwrap();
+    y.add(s.path("nope"), s.path("out")).unwrap();
+    y.dispatch().unwrap();
+    assert_eq!(y.wait().unwrap_err().class, ErrorClass::NotFound);
+    assert!(!s.path("out").exists());
+    assert_eq!(
+        Xfer::open("never", &state).unwrap_err().class,
+        ErrorClass::Usage,
+        "open of an unknown transfer"
+    );
+}
+
+#[test]
+fn cancel_stops_a_running_flush_and_leaves_no_file_behind() {
+    let s = Scratch::new();
+    let pairs = checkpoint(&s, 40, 1 << 20);
+    let state = s.path("state");
+    let mut x = Xfer::create("cancelled", &state).unwrap();
+    for (a, b) in &pairs {
+        x.add(a, b).unwrap();
+    }
+    x.set_threads(1);
+    x.dispatch().unwrap();
+    x.cancel().unwrap();
+    assert!(x.test().done);
+    let st = ferry::status::status(&ferry::state::TransferDir::new(&state, "cancelled"));
+    // Either the cancel came first, or the flush had prepared everything (then it is not
+    // committed, and cancel removed the temporaries all the same).
+    assert_eq!(st.state, State::Cancelled, "{st:?}");
+    assert!(pairs.iter().all(|(_, d)| !d.exists()));
+    assert!(temps_in(&s.path("pfs")).is_empty());
+}
+
+/// Run as a child process by the test below: dispatch a flush that dies (`_exit`) mid-copy.
+#[test]
+#[ignore = "run by a_flush_killed_mid_copy_is_resumed_by_another_process_from_its_state"]
+fn child_flush_that_dies() {
+    let Some(dir) = std::env::var_os("FERRY_XFER_CHILD") else {
+        return;
+    };
+    let dir = Path::new(&dir);
+    let list = std::fs::read_to_string(dir.join("pairs")).unwrap();
+    let mut x = Xfer::create("killed", &dir.join("state")).unwrap();
+    for line in list.lines() {
+        let (a, b) = line.split_once('\t').unwrap();
+        x.add(a, b).unwrap();
+    }
+    x.set_threads(1);
+    x.dispatch().unwrap();
+    let _ = x.wait();
+    unreachable!("the failpoint ends this process mid-copy");
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_flush_killed_mid_copy_is_resumed_by_another_process_from_its_state() {
+    let s = Scratch::new();
+    // Units of 8 MiB and more are journaled one by one (smaller ones in batches).
+    let pairs = checkpoint(&s, 6, 9 << 20);
+    let list: String = pairs
+        .iter()
+        .map(|(a, b)| format!("{}\t{}\n", a.display(), b.display()))
+        .collect();
+    std::fs::write(s.path("pairs"), list).unwrap();
+    let o = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "xfer::child_flush_that_dies",
+            "--nocapture",
+        ])
+        .env("FERRY_XFER_CHILD", s.dir.path())
+        // Each unit takes 300 ms, so the journal (fsynced every 200 ms) holds the first ones.
+        .env(
+            "FERRY_FAILPOINTS",
+            "copy::unit_written=delay(300);copy::unit_start=exit@0#5",
+        )
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "the child should have died mid-copy");
+    let state = s.path("state");
+    let td = ferry::state::TransferDir::new(&state, "killed");
+    let st = ferry::status::status(&td);
+    assert_eq!(st.state, State::Interrupted, "{st:?}");
+    assert!(
+        st.units_done > 0 && st.units_done < st.units_total,
+        "{st:?}"
+    );
+    assert!(
+        pairs.iter().all(|(_, d)| !d.exists()),
+        "nothing final before the commit"
+    );
+    // Another process (here: this one) takes it up from the state alone.
+    let mut x = Xfer::open("killed", &state).unwrap();
+    assert_eq!(
+        x.add(&pairs[0].0, s.path("x")).unwrap_err().class,
+        ErrorClass::Usage
+    );
+    x.dispatch().unwrap();
+    let sum = x.wait().unwrap();
+    assert_eq!(sum.state, State::Committed);
+    assert!(sum.bytes_reused > 0, "finished units were kept: {sum:?}");
+    same_bytes(&pairs);
+}
