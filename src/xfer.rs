@@ -11,9 +11,9 @@
 //!
 //! The background run is ferry's engine on one rank ([`SingleComm`]): it never calls MPI, so an
 //! application that initialised MPI without thread support is safe. It stops once every unit is
-//! durable under its temporary name (`prepared`); **wait** then commits. A collective wait (every
-//! rank waits, agrees that all prepared, then commits) is built from [`Xfer::wait_prepared`] and
-//! [`Xfer::commit`]; the agreement is the caller's collective, made in its own thread.
+//! durable under its temporary name (`prepared`); **wait** then commits. The collective wait
+//! ([`Xfer::wait_all`]) commits only after every rank's transfer is prepared; its agreement is a
+//! collective made in the caller's thread.
 //!
 //! A throttle (`threads`) bounds the copy threads of a transfer so a flush does not starve the
 //! computation.
@@ -230,6 +230,25 @@ impl Xfer {
             return Ok(prepared);
         }
         self.commit()
+    }
+
+    /// The collective wait (AXL's `AXL_Wait_comm`, with the guarantee AXL lacks): every rank
+    /// waits for its own transfer to be prepared, the ranks agree that all of them are, and only
+    /// then each commits its own. If any rank failed, none commits, and every rank returns the
+    /// failing rank's error; the transfers stay resumable. Called from the caller's thread, the
+    /// one that may call MPI.
+    pub fn wait_all(&mut self, comm: &dyn crate::comm::Comm) -> Result<Summary> {
+        // The background run was one rank of its own: its errors name rank 0. Here they are
+        // this rank's.
+        let mine = |e: &Error| Error {
+            rank: None,
+            ..e.clone()
+        };
+        let prepared = self.wait_prepared().map(|_| ()).map_err(|e| mine(&e));
+        crate::comm::agree(comm, prepared)?;
+        let committed = self.commit();
+        crate::comm::agree(comm, committed.as_ref().map(|_| ()).map_err(mine))?;
+        committed
     }
 
     /// Stop the transfer and remove its temporary files; its state records `cancelled`. A

@@ -191,3 +191,47 @@ fn a_flush_killed_mid_copy_is_resumed_by_another_process_from_its_state() {
     assert!(sum.bytes_reused > 0, "finished units were kept: {sum:?}");
     same_bytes(&pairs);
 }
+
+#[test]
+fn a_collective_wait_commits_only_when_every_rank_prepared() {
+    let s = Scratch::new();
+    let pairs = checkpoint(&s, 9, 1 << 20);
+    let state = s.path("state");
+    let run = |broken: Option<usize>| {
+        ferry::comm::run_threads(3, |c| {
+            let r = c.rank();
+            let tag = if broken.is_some() { "b" } else { "a" };
+            let mut x = Xfer::create(&format!("ckpt-{tag}-{r}"), &state)?;
+            for (i, (a, b)) in pairs.iter().enumerate().filter(|(i, _)| i % 3 == r) {
+                let b = b.with_extension(tag);
+                if broken == Some(r) && i == r {
+                    x.add(s.path("gone"), b)?;
+                } else {
+                    x.add(a, b)?;
+                }
+            }
+            x.dispatch()?;
+            x.wait_all(c)
+        })
+    };
+    // Rank 1 adds a source that does not exist: no rank commits, every rank learns why.
+    for res in run(Some(1)) {
+        let e = res.unwrap_err();
+        assert_eq!((e.class, e.rank), (ErrorClass::NotFound, Some(1)), "{e}");
+    }
+    assert!(pairs.iter().all(|(_, d)| !d.with_extension("b").exists()));
+    for r in [0, 2] {
+        let td = ferry::state::TransferDir::new(&state, &format!("ckpt-b-{r}"));
+        assert_eq!(ferry::status::status(&td).state, State::Prepared);
+    }
+    // All well: every rank commits.
+    for res in run(None) {
+        assert_eq!(res.unwrap().state, State::Committed);
+    }
+    for (a, d) in &pairs {
+        assert_eq!(
+            std::fs::read(a).unwrap(),
+            std::fs::read(d.with_extension("a")).unwrap()
+        );
+    }
+}
