@@ -108,6 +108,54 @@ fn text(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// A checkpoint of small files and where a flush puts it, in a scratch with the job scripts.
+struct Ckpt {
+    s: Scratch,
+    src: PathBuf,
+    dst: PathBuf,
+}
+
+/// `None` without a cluster (see [`have_cluster`]).
+fn checkpoint(dirs: usize, per_dir: usize, size: u64, seed: u64) -> Option<Ckpt> {
+    if !have_cluster() {
+        return None;
+    }
+    let s = Scratch::new();
+    let src = s.path("ckpt");
+    small_files(&src, dirs, per_dir, size, seed);
+    job_dir(&s);
+    let dst = s.path("pfs/ckpt");
+    Some(Ckpt { s, src, dst })
+}
+
+impl Ckpt {
+    /// `script` flushing this checkpoint as transfer `id` with `launch`, one copy thread per rank
+    /// and every unit slowed by `delay_ms`, so a signal lands mid-copy.
+    fn slow_flush(
+        &self,
+        script: &str,
+        id: &str,
+        launch: &str,
+        delay_ms: u64,
+        opts: &[&str],
+    ) -> Command {
+        let delay = format!("copy::unit_written=delay({delay_ms})");
+        sbatch(
+            &self.s,
+            script,
+            &[
+                ("FERRY_LAUNCH", launch),
+                ("FERRY_SRC", text(&self.src)),
+                ("FERRY_DST", text(&self.dst)),
+                ("FERRY_ID", id),
+                ("FERRY_ARGS", "--threads 1"),
+                ("FERRY_FAILPOINTS", &delay),
+            ],
+            opts,
+        )
+    }
+}
+
 #[test]
 fn stage_in_and_stage_out_jobs_copy_with_srun_and_with_mpirun() {
     if !have_cluster() {
@@ -181,29 +229,20 @@ fn stage_in_and_stage_out_jobs_copy_with_srun_and_with_mpirun() {
 
 #[test]
 fn a_flush_stopped_by_its_time_limit_warning_is_committed_by_its_follow_up_job() {
-    if !have_cluster() {
+    let Some(ck) = checkpoint(8, 50, 32 << 10, 5) else {
         return;
-    }
-    let s = Scratch::new();
-    let src = s.path("ckpt");
-    small_files(&src, 8, 50, 32 << 10, 5);
-    job_dir(&s);
-    let dst = s.path("pfs/ckpt");
+    };
     // A slow flush (every unit takes a second: 400 units on 4 ranks would need 100 s) in a job
     // of one minute whose warning is due 55 s before the end: Slurm sends USR1 to the script
     // within its 30 s check, the script hands it to ferry, ferry stops and exits 3.
-    let mut flush = sbatch(
-        &s,
+    let mut flush = ck.slow_flush(
         "checkpoint-flush.sbatch",
-        &[
-            ("FERRY_SRC", text(&src)),
-            ("FERRY_DST", text(&dst)),
-            ("FERRY_ID", "ckpt-7"),
-            ("FERRY_ARGS", "--threads 1"),
-            ("FERRY_FAILPOINTS", "copy::unit_written=delay(1000)"),
-        ],
+        "ckpt-7",
+        "srun",
+        1000,
         &["--time=1", "--signal=B:USR1@55"],
     );
+    let Ckpt { s, src, dst } = ck;
     let o = piped(&mut flush);
     let (job1, _) = job_log(&s, &o);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -270,15 +309,12 @@ fn a_flush_stopped_by_its_time_limit_warning_is_committed_by_its_follow_up_job()
 
 #[test]
 fn a_flush_without_a_warning_killed_at_its_time_limit_is_resumed_by_its_follow_up() {
-    if !have_cluster() {
-        return;
-    }
     // The user forgot `--signal`: the job runs into its limit and Slurm sends SIGTERM to the
     // script and the srun step at once; ferry stops on it (exit 3) within KillWait.
-    let s = Scratch::new();
-    let src = s.path("ckpt");
-    small_files(&src, 4, 100, 16 << 10, 8);
-    let jobs = job_dir(&s);
+    let Some(ck) = checkpoint(4, 100, 16 << 10, 8) else {
+        return;
+    };
+    let jobs = ck.s.path("jobs");
     let script = fs::read_to_string(jobs.join("checkpoint-flush.sbatch")).unwrap();
     let forgot: String = script
         .lines()
@@ -286,20 +322,15 @@ fn a_flush_without_a_warning_killed_at_its_time_limit_is_resumed_by_its_follow_u
         .map(|l| format!("{l}\n"))
         .collect();
     fs::write(jobs.join("flush-no-warning.sbatch"), forgot).unwrap();
-    let dst = s.path("pfs/ckpt");
-    let o = piped(&mut sbatch(
-        &s,
+    // 400 units of 1 s on 4 ranks: 100 s, longer than the job's minute.
+    let o = piped(&mut ck.slow_flush(
         "flush-no-warning.sbatch",
-        &[
-            ("FERRY_SRC", text(&src)),
-            ("FERRY_DST", text(&dst)),
-            ("FERRY_ID", "ckpt-t"),
-            ("FERRY_ARGS", "--threads 1"),
-            // 400 units of 1 s on 4 ranks: 100 s, longer than the job's minute.
-            ("FERRY_FAILPOINTS", "copy::unit_written=delay(1000)"),
-        ],
+        "ckpt-t",
+        "srun",
+        1000,
         &["--time=1"],
     ));
+    let Ckpt { s, src, dst } = ck;
     let (job1, _) = job_log(&s, &o);
     let o = piped(&mut sbatch(
         &s,
@@ -326,31 +357,22 @@ fn a_flush_without_a_warning_killed_at_its_time_limit_is_resumed_by_its_follow_u
 
 #[test]
 fn a_flush_under_mpirun_stops_on_the_forwarded_signal_and_resumes() {
-    if !have_cluster() {
+    let Some(ck) = checkpoint(4, 40, 16 << 10, 6) else {
         return;
-    }
-    let s = Scratch::new();
-    let src = s.path("ckpt");
-    small_files(&src, 4, 40, 16 << 10, 6);
-    job_dir(&s);
-    let dst = s.path("pfs/ckpt");
+    };
     let name = format!("flush-mpirun-{}", std::process::id());
-    let child = sbatch(
-        &s,
-        "checkpoint-flush.sbatch",
-        &[
-            ("FERRY_LAUNCH", "mpirun"),
-            ("FERRY_SRC", text(&src)),
-            ("FERRY_DST", text(&dst)),
-            ("FERRY_ID", "ckpt-m"),
-            ("FERRY_ARGS", "--threads 1"),
-            ("FERRY_FAILPOINTS", "copy::unit_written=delay(500)"),
-        ],
-        &["--wait", &format!("--job-name={name}")],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn_tracked();
+    let child = ck
+        .slow_flush(
+            "checkpoint-flush.sbatch",
+            "ckpt-m",
+            "mpirun",
+            500,
+            &["--wait", &format!("--job-name={name}")],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn_tracked();
+    let Ckpt { s, src, dst } = ck;
     // Once data moves, the warning a time limit sends, sent now: USR1 to the batch shell only.
     let td = TransferDir::new(&dst.join(".ferry"), "ckpt-m");
     wait_for(Duration::from_secs(60), || {

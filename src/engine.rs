@@ -385,9 +385,10 @@ static KERNEL_COPY_UNSUPPORTED: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
 /// One `copy_file_range` of up to `want` bytes at `pos`; `Ok(None)` if the file systems cannot
-/// do it (the caller falls back to read and write). Other errors are read errors of the source,
-/// retried as [`read_at`] retries them; a write-side failure (ENOSPC, EDQUOT, EFBIG) is reported
-/// against the source's peer by the fallback path, which the caller takes on the next piece.
+/// do it, or if the error may be the destination's (ENOSPC, EDQUOT, EFBIG, EROFS, EPERM, ...):
+/// the caller then copies the same piece, and the rest of the unit, by read and write, which
+/// meets the error again and names the side it belongs to. Other errors are read errors of the
+/// source, retried as [`read_at`] retries them.
 fn kernel_copy(
     retry: &RetryPolicy,
     (src, src_path): (&File, &Path),

@@ -272,16 +272,14 @@ impl Xfer {
 
     /// Join the background thread if there is one.
     fn reap(&mut self) {
-        if let Phase::Running(_) = self.phase {
-            if let Phase::Running(h) = std::mem::replace(&mut self.phase, Phase::Idle) {
-                let r = h.join().unwrap_or_else(|_| {
-                    Err(Error::internal(
-                        "the transfer thread panicked; its state is kept",
-                    ))
-                });
-                self.phase = Phase::Ended(r);
-            }
-        }
+        self.phase = match std::mem::replace(&mut self.phase, Phase::Idle) {
+            Phase::Running(h) => Phase::Ended(h.join().unwrap_or_else(|_| {
+                Err(Error::internal(
+                    "the transfer thread panicked; its state is kept",
+                ))
+            })),
+            other => other,
+        };
     }
 }
 

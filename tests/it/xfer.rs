@@ -21,6 +21,17 @@ fn checkpoint(s: &Scratch, files: u64, size: u64) -> Vec<(PathBuf, PathBuf)> {
         .collect()
 }
 
+/// Transfer `name` of `pairs`, dispatched with `threads` copy threads.
+fn dispatched(name: &str, state: &Path, pairs: &[(PathBuf, PathBuf)], threads: usize) -> Xfer {
+    let mut x = Xfer::create(name, state).unwrap();
+    for (a, b) in pairs {
+        x.add(a, b).unwrap();
+    }
+    x.set_threads(threads);
+    x.dispatch().unwrap();
+    x
+}
+
 fn same_bytes(pairs: &[(PathBuf, PathBuf)]) {
     for (s, d) in pairs {
         assert_eq!(
@@ -37,12 +48,7 @@ fn dispatch_returns_test_reports_and_wait_commits_every_pair() {
     let s = Scratch::new();
     let pairs = checkpoint(&s, 12, 3 << 20);
     let state = s.path("state");
-    let mut x = Xfer::create("flush-1", &state).unwrap();
-    for (a, b) in &pairs {
-        x.add(a, b).unwrap();
-    }
-    x.set_threads(2);
-    x.dispatch().unwrap();
+    let mut x = dispatched("flush-1", &state, &pairs, 2);
     // The caller computes meanwhile; test never blocks and eventually says done.
     wait_for(Duration::from_secs(120), || x.test().done);
     let p = x.test();
@@ -104,12 +110,7 @@ fn cancel_stops_a_running_flush_and_leaves_no_file_behind() {
     let s = Scratch::new();
     let pairs = checkpoint(&s, 40, 1 << 20);
     let state = s.path("state");
-    let mut x = Xfer::create("cancelled", &state).unwrap();
-    for (a, b) in &pairs {
-        x.add(a, b).unwrap();
-    }
-    x.set_threads(1);
-    x.dispatch().unwrap();
+    let mut x = dispatched("cancelled", &state, &pairs, 1);
     x.cancel().unwrap();
     assert!(x.test().done);
     let st = ferry::status::status(&ferry::state::TransferDir::new(&state, "cancelled"));
