@@ -85,11 +85,28 @@ fn rank_pid(s: &Scratch, rank_var: &str, rank: usize) -> Option<i32> {
     None
 }
 
-/// Wait until no process of this scratch's job is left (a rank killed while in the kernel, e.g.
-/// in an fsync, may outlive mpirun's exit by a moment, and its lock with it).
-fn wait_job_gone(s: &Scratch, ranks: usize) {
+/// The pids of a running job's ranks `0..ranks`.
+fn rank_pids(s: &Scratch, ranks: usize) -> Vec<i32> {
+    (0..ranks)
+        .map(|r| rank_pid(s, "OMPI_COMM_WORLD_RANK", r).expect("rank pid"))
+        .collect()
+}
+
+/// Wait until every one of `pids` has exited (gone, or a zombie: its files, and so its locks,
+/// are closed). A rank killed while in the kernel, e.g. in an fsync, may outlive mpirun's exit by
+/// a moment, and its lock with it; its environment is unreadable before its files are closed, so
+/// the pids are taken while the job runs.
+fn wait_job_gone(pids: &[i32]) {
     wait_for(DEATH_BOUND, || {
-        (0..ranks).all(|r| rank_pid(s, "OMPI_COMM_WORLD_RANK", r).is_none())
+        pids.iter().all(|pid| {
+            match fs::read_to_string(format!("/proc/{pid}/stat")) {
+                // The state follows the parenthesised command name.
+                Ok(stat) => stat
+                    .rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+                Err(_) => true,
+            }
+        })
     });
 }
 
@@ -216,8 +233,12 @@ fn local_layout_private_sources_unequal_loads_and_duplicate_destinations() {
 }
 
 /// A 4-rank `copy src dst` of 24 MiB in `chunk` units, each slowed down by `delay_ms` so a fault
-/// lands mid-copy; returns once something is journaled: (src, state dir, mpirun, id).
-fn slow_job(s: &Scratch, chunk: &str, delay_ms: u64) -> (PathBuf, PathBuf, Child, String) {
+/// lands mid-copy; returns once something is journaled: (src, state dir, mpirun, id, rank pids).
+fn slow_job(
+    s: &Scratch,
+    chunk: &str,
+    delay_ms: u64,
+) -> (PathBuf, PathBuf, Child, String, Vec<i32>) {
     let src = sources(s, 12, 2 << 20);
     let state = s.path("dst/.ferry");
     let args = [
@@ -241,16 +262,17 @@ fn slow_job(s: &Scratch, chunk: &str, delay_ms: u64) -> (PathBuf, PathBuf, Child
     let id = read_id(&mut child);
     let td = TransferDir::new(&state, &id);
     wait_for(DEADLINE, || ferry::status::status(&td).bytes_done > 0);
-    (src, state, child, id)
+    let pids = rank_pids(s, 4);
+    (src, state, child, id, pids)
 }
 
 #[test]
 fn sigkill_of_any_rank_ends_the_job_and_resume_on_any_count_converges() {
     for (victim, again) in [(0usize, 4usize), (1, 2), (2, 8), (3, 1)] {
         let s = Scratch::new();
-        let (src, state, child, id) = slow_job(&s, "512K", 60);
+        let (src, state, child, id, pids) = slow_job(&s, "512K", 60);
         let td = TransferDir::new(&state, &id);
-        let pid = rank_pid(&s, "OMPI_COMM_WORLD_RANK", victim).expect("rank pid");
+        let pid = pids[victim];
         assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
         let t0 = Instant::now();
         let o = wait_deadline(child, DEATH_BOUND);
@@ -260,7 +282,7 @@ fn sigkill_of_any_rank_ends_the_job_and_resume_on_any_count_converges() {
             o.status.code()
         );
         assert!(!o.status.success());
-        wait_job_gone(&s, 4);
+        wait_job_gone(&pids);
         assert!(!committed(&state, &id), "no commit after a rank died");
         assert_no_torn_finals(&src, &s.path("dst"));
         let st = ferry::status::status(&td);
@@ -289,12 +311,12 @@ fn a_signal_to_mpirun_or_to_one_rank_stops_every_rank_and_leaves_it_resumable() 
         (false, libc::SIGTERM, "SIGTERM", 60),
     ] {
         let s = Scratch::new();
-        let (src, state, child, id) = slow_job(&s, "256K", delay);
+        let (src, state, child, id, pids) = slow_job(&s, "256K", delay);
         let td = TransferDir::new(&state, &id);
         let pid = if to_launcher {
             child.id() as i32
         } else {
-            rank_pid(&s, "OMPI_COMM_WORLD_RANK", 2).expect("rank pid")
+            pids[2]
         };
         // SAFETY: kill(2) of a process this test started.
         assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
@@ -308,7 +330,7 @@ fn a_signal_to_mpirun_or_to_one_rank_stops_every_rank_and_leaves_it_resumable() 
         );
         let err = stderr(&o);
         assert!(!o.status.success(), "{err}");
-        wait_job_gone(&s, 4);
+        wait_job_gone(&pids);
         let st = ferry::status::status(&td);
         assert_eq!(
             st.state,
