@@ -7,6 +7,7 @@
 #[path = "../tests/it/util.rs"]
 mod util;
 
+mod axl;
 mod slurm;
 
 use std::fs;

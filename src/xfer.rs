@@ -17,15 +17,22 @@
 //!
 //! A throttle (`threads`) bounds the copy threads of a transfer so a flush does not starve the
 //! computation.
+//!
+//! **free** removes the state of a transfer that is finished with (committed, cancelled, or
+//! never dispatched; a failed one is cancelled first, so no temporary file is left in its
+//! destination). **stop** ([`stop_orphans`]) cancels and frees the transfers an earlier run of
+//! the same program left behind: every dispatched transfer is recorded, until it is freed, in an
+//! owner file (host, pid, program, working directory) under `$FERRY_HOME/xfers` (see
+//! [`crate::state::registry::dir`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use crate::comm::SingleComm;
+use crate::comm::{Comm, SingleComm};
 use crate::engine::Progress;
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::state::{self, TransferDir};
 use crate::status::State;
 use crate::transfer::{self, CopyOptions, RunOptions, Summary};
@@ -60,6 +67,8 @@ pub struct Xfer {
     threads: usize,
     phase: Phase,
     progress: Arc<Progress>,
+    /// A file that belongs to this transfer and goes with it at free (AXL's state file).
+    companion: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Xfer {
@@ -92,6 +101,7 @@ impl Xfer {
             threads: 4,
             phase: Phase::Idle,
             progress: Arc::new(Progress::default()),
+            companion: None,
         })
     }
 
@@ -111,6 +121,7 @@ impl Xfer {
             threads: 4,
             phase: Phase::Idle,
             progress: Arc::new(Progress::default()),
+            companion: None,
         })
     }
 
@@ -128,6 +139,23 @@ impl Xfer {
     /// computation needs.
     pub fn set_threads(&mut self, n: usize) {
         self.threads = n.max(1);
+    }
+
+    /// A file to remove with the transfer's state at [`Xfer::free`], also when a later run's
+    /// [`stop_orphans`] frees it (the AXL interface's state file). Such a transfer's state
+    /// directory is its own: it is removed too once empty.
+    pub fn set_companion(&mut self, path: impl Into<PathBuf>) {
+        self.companion = Some(path.into());
+    }
+
+    /// Whether a background run is still going.
+    pub fn running(&self) -> bool {
+        matches!(&self.phase, Phase::Running(h) if !h.is_finished())
+    }
+
+    /// Whether it was dispatched in this process (a wait would not be a misuse).
+    pub fn dispatched(&self) -> bool {
+        !matches!(self.phase, Phase::Idle)
     }
 
     /// Add a source (file, or directory copied as a tree) and the exact path it goes to.
@@ -176,6 +204,7 @@ impl Xfer {
             opts.pairs = self.pairs.clone();
             Box::new(move || transfer::copy(&SingleComm, &opts, &run))
         };
+        owners::record(&self.td, self.companion.as_deref());
         let handle = std::thread::Builder::new()
             .name(format!("ferry-xfer-{}", self.td.id))
             .spawn(job)
@@ -251,6 +280,43 @@ impl Xfer {
         committed
     }
 
+    /// The collective dispatch: every rank dispatches its own transfer, and all learn whether
+    /// every rank could (the failing rank's error otherwise; the ranks that did start keep
+    /// running and are cancelled or waited as usual).
+    pub fn dispatch_all(&mut self, comm: &dyn Comm) -> Result<()> {
+        let mine = self.dispatch().map_err(|e| Error { rank: None, ..e });
+        crate::comm::agree(comm, mine)
+    }
+
+    /// The collective test: `done` only when every rank's background run has ended; bytes are
+    /// summed over the ranks. A collective, so every rank calls it, in its own thread.
+    pub fn test_all(&mut self, comm: &dyn Comm) -> Result<Progressed> {
+        let p = self.test();
+        let ended = comm.allreduce_sum(u64::from(p.done))?;
+        Ok(Progressed {
+            done: ended == comm.size() as u64,
+            bytes_done: comm.allreduce_sum(p.bytes_done)?,
+            bytes_total: comm.allreduce_sum(p.bytes_total)?,
+        })
+    }
+
+    /// Release the transfer: its state directory (and companion file) is removed. A transfer
+    /// that is still copying is refused (wait for it or cancel it first); one that failed or was
+    /// interrupted is cancelled first, so its temporary files do not stay in the destination.
+    /// Committed files and sources are never touched.
+    pub fn free(&mut self) -> Result<()> {
+        if self.running() {
+            return Err(Error::usage(format!(
+                "transfer {} is still copying: wait for it or cancel it before freeing it",
+                self.td.id
+            )));
+        }
+        self.reap();
+        release(&self.td, self.companion.as_deref())?;
+        self.phase = Phase::Idle;
+        Ok(())
+    }
+
     /// Stop the transfer and remove its temporary files; its state records `cancelled`. A
     /// committed transfer cannot be cancelled.
     pub fn cancel(&mut self) -> Result<()> {
@@ -288,6 +354,172 @@ impl Drop for Xfer {
     /// transfer stays resumable if it did not finish).
     fn drop(&mut self) {
         self.reap();
+    }
+}
+
+/// Cancel `td` unless it is finished, then remove its state, its companion file and its owner
+/// record.
+fn release(td: &TransferDir, companion: Option<&Path>) -> Result<()> {
+    if td.path.exists() {
+        let st = crate::status::status(td);
+        if st.live.is_some() {
+            return Err(Error::usage(format!(
+                "transfer {} is in use by {}",
+                td.id,
+                st.live.unwrap_or_default()
+            )));
+        }
+        let planned = td.file(state::names::PLAN).exists();
+        if planned && !matches!(st.state, State::Committed | State::Cancelled) {
+            transfer::cancel(td, std::time::Duration::from_secs(30))?;
+        }
+        std::fs::remove_dir_all(&td.path).ctx("remove-dir", &td.path)?;
+    }
+    if let Some(c) = companion {
+        crate::fsio::remove_file(c)?;
+        // A transfer with a companion file has a state directory of its own beside it: gone
+        // once empty.
+        let _ = std::fs::remove_dir(parent_of(td));
+    }
+    owners::forget(td);
+    Ok(())
+}
+
+/// Cancel and free every transfer that an earlier run of this program left behind: recorded
+/// (at dispatch) on this host by a process that no longer exists, started from the same
+/// executable in the same working directory, and not freed. The transfers of running processes,
+/// and of other programs, are not touched. Returns how many were stopped; the first error, if
+/// any, after trying every one.
+pub fn stop_orphans() -> Result<usize> {
+    let mut stopped = 0;
+    let mut first_err = None;
+    for (entry, owner) in owners::list() {
+        if !owner.is_orphan_of_this_program() {
+            continue;
+        }
+        let td = TransferDir::new(crate::fsio::parent_of(&owner.state), &owner.id);
+        match release(&td, owner.companion.as_deref()) {
+            Ok(()) => stopped += 1,
+            Err(e) => {
+                log::warn!("stop: transfer {}: {e}", td.id);
+                first_err.get_or_insert(e);
+            }
+        }
+        let _ = std::fs::remove_file(entry);
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(stopped),
+    }
+}
+
+/// Who dispatched which library transfer: one small file per transfer under
+/// `$FERRY_HOME/xfers`, written at dispatch and removed at free.
+mod owners {
+    use std::path::{Path, PathBuf};
+
+    use crate::state::TransferDir;
+
+    pub struct Owner {
+        host: String,
+        pid: i32,
+        exe: PathBuf,
+        cwd: PathBuf,
+        pub id: String,
+        pub state: PathBuf,
+        pub companion: Option<PathBuf>,
+    }
+
+    fn dir() -> Option<PathBuf> {
+        crate::state::registry::dir().map(|d| d.join("xfers"))
+    }
+
+    /// One entry per transfer directory: named after a checksum of its path.
+    fn entry(td: &TransferDir) -> Option<PathBuf> {
+        let key = crc32fast::hash(td.path.as_os_str().as_encoded_bytes());
+        dir().map(|d| d.join(format!("{key:08x}-{}", td.id)))
+    }
+
+    fn me() -> (String, i32, PathBuf, PathBuf) {
+        (
+            crate::state::who().1,
+            std::process::id() as i32,
+            std::env::current_exe().unwrap_or_default(),
+            std::env::current_dir().unwrap_or_default(),
+        )
+    }
+
+    /// Record that this process dispatched `td` (best effort: without a home directory, stop
+    /// cannot find it after a restart, and says nothing).
+    pub fn record(td: &TransferDir, companion: Option<&Path>) {
+        let (Some(p), Some(d)) = (entry(td), dir()) else {
+            return;
+        };
+        let (host, pid, exe, cwd) = me();
+        let enc = crate::pathser::encode;
+        let lines = [
+            host,
+            pid.to_string(),
+            enc(&exe),
+            enc(&cwd),
+            td.id.clone(),
+            enc(&td.path),
+            companion.map(enc).unwrap_or_default(),
+        ];
+        let made = crate::state::create_private_dir(&d);
+        if let Err(e) =
+            made.and_then(|_| crate::fsio::write_atomic(&p, lines.join("\n").as_bytes()))
+        {
+            log::debug!("transfer {}: no owner record ({e})", td.id);
+        }
+    }
+
+    pub fn forget(td: &TransferDir) {
+        if let Some(p) = entry(td) {
+            let _ = crate::fsio::remove_file(&p);
+        }
+    }
+
+    pub fn list() -> Vec<(PathBuf, Owner)> {
+        let Some(d) = dir() else { return Vec::new() };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            return Vec::new();
+        };
+        rd.flatten()
+            .filter_map(|e| {
+                let s = std::fs::read_to_string(e.path()).ok()?;
+                Some((e.path(), parse(&s)?))
+            })
+            .collect()
+    }
+
+    fn parse(s: &str) -> Option<Owner> {
+        let dec = |l: &str| crate::pathser::decode(l).ok();
+        let l: Vec<&str> = s.split('\n').collect();
+        let [host, pid, exe, cwd, id, state, companion] = l[..] else {
+            return None;
+        };
+        Some(Owner {
+            host: host.to_string(),
+            pid: pid.parse().ok()?,
+            exe: dec(exe)?,
+            cwd: dec(cwd)?,
+            id: id.to_string(),
+            state: dec(state)?,
+            companion: (!companion.is_empty()).then(|| dec(companion)).flatten(),
+        })
+    }
+
+    impl Owner {
+        /// Left behind by an earlier run of this program: same host, executable and working
+        /// directory, and its process is gone.
+        pub fn is_orphan_of_this_program(&self) -> bool {
+            let (host, pid, exe, cwd) = me();
+            // SAFETY: kill(2) with signal 0 only checks that the process exists.
+            let gone = unsafe { libc::kill(self.pid, 0) } != 0
+                && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+            self.host == host && self.pid != pid && self.exe == exe && self.cwd == cwd && gone
+        }
     }
 }
 

@@ -1,0 +1,302 @@
+//! The AXL-compatible C interface (libaxl, libaxl_mpi): C programs built with `mpicc` against
+//! ferry's libraries and headers, run as a checkpoint library would run them. `make test` builds
+//! the libraries (with failpoints) before this suite.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+use ferry::state::TransferDir;
+
+use crate::util::*;
+use crate::{piped, DEADLINE};
+
+struct Programs {
+    tool: PathBuf,
+    scr_flush: PathBuf,
+}
+
+/// The directory of the ferry binary under test, where cargo put libaxl*.so too.
+fn libdir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_ferry"))
+        .parent()
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// Compile the C test programs once, warnings as errors, against ferry's headers and libraries.
+fn programs() -> &'static Programs {
+    static P: OnceLock<Programs> = OnceLock::new();
+    P.get_or_init(|| {
+        let lib = libdir();
+        for l in ["libaxl.so", "libaxl_mpi.so", "libaxl.a", "libaxl_mpi.a"] {
+            assert!(
+                lib.join(l).exists(),
+                "{} is missing: `make test` builds it (cargo build -p ferry-axl -p ferry-axl-mpi)",
+                lib.join(l).display()
+            );
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let out = lib.join("axl-tests");
+        fs::create_dir_all(&out).unwrap();
+        let build = |src: &str, name: &str, axl: &str| {
+            let exe = out.join(name);
+            let o = Command::new("mpicc")
+                .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-o"])
+                .arg(&exe)
+                .arg(root.join(src))
+                .arg(format!("-I{}", root.join("axl/include").display()))
+                .arg(format!("-I{}", root.join("axl-mpi/include").display()))
+                .arg(format!("-L{}", lib.display()))
+                .arg(format!("-l{axl}"))
+                .arg(format!("-Wl,-rpath,{}", lib.display()))
+                .output()
+                .expect("mpicc");
+            assert!(o.status.success(), "mpicc {src}: {}", stderr(&o));
+            exe
+        };
+        Programs {
+            tool: build("mpi-tests/c/axl_tool.c", "axl_tool", "axl"),
+            scr_flush: build("docs/examples/scr_flush.c", "scr_flush", "axl_mpi"),
+        }
+    })
+}
+
+/// `axl_tool ARGS` in the scratch directory, with its own registry.
+fn tool(s: &Scratch, args: &[&str]) -> Command {
+    let mut c = Command::new(&programs().tool);
+    c.args(args)
+        .current_dir(s.dir.path())
+        .env("FERRY_HOME", s.home())
+        .env("FERRY_AXL_STATE_DIR", s.path("axl-state"))
+        .env("FERRY_TEST_TAG", s.dir.path())
+        .env_remove("FERRY_FAILPOINTS")
+        .stdin(Stdio::null());
+    c
+}
+
+fn ok(o: &Output) {
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        stderr(o)
+    );
+}
+
+/// Regular files (not directories) under `dir`.
+fn files_in(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+fn tree(s: &Scratch, name: &str, files: u64, size: u64) -> PathBuf {
+    let src = s.path(name);
+    let mut r = Rng::new(8);
+    numbered_files(&src, files, 3, size, 4099, &mut r);
+    fs::create_dir_all(src.join("empty")).unwrap();
+    src
+}
+
+#[test]
+fn a_serial_flush_of_a_tree_commits_with_every_transfer_type() {
+    let s = Scratch::new();
+    let src = tree(&s, "cache", 9, 3 << 20);
+    for t in [
+        "SYNC",
+        "PTHREAD",
+        "DEFAULT",
+        "NATIVE",
+        "ASYNC_DW",
+        "ASYNC_BBAPI",
+    ] {
+        let dst = s.path(&format!("pfs/{t}"));
+        let o =
+            piped(tool(&s, &["serial", t, "cache", dst.to_str().unwrap()]).env("AXL_DEBUG", "1"));
+        ok(&o);
+        assert_same_tree(&src, &dst);
+        assert!(temps_in(&dst).is_empty(), "{t}");
+        // Free removed ferry's journal of a transfer without a state file.
+        assert!(files_in(&s.path("axl-state")).is_empty(), "{t}");
+    }
+}
+
+#[test]
+fn misuse_returns_the_failure_code_with_a_message_and_crashes_nothing() {
+    let s = Scratch::new();
+    let dir = s.path("m");
+    fs::create_dir_all(&dir).unwrap();
+    let o = piped(&mut tool(&s, &["misuse", dir.to_str().unwrap()]));
+    ok(&o);
+    let err = stderr(&o);
+    for said in [
+        "AXL_Add(id 12345): no such transfer",
+        "AXL_Create: transfer type 3 (ASYNC_DAEMON) is not one ferry can run",
+        "AXL_Add(id 0): source is NULL",
+        "AXL_Wait(id 0): it was not dispatched",
+        "AXL_Add(id 0): files can be added only before Dispatch",
+        "is of a transfer of type 2 (SYNC), not 7 (PTHREAD)",
+        "corrupt.state' is unusable",
+        "shorter than a KVTree header",
+    ] {
+        assert!(err.contains(said), "missing {said:?} in:\n{err}");
+    }
+    // The good transfer of the same run committed, and its state file went with Free.
+    assert_eq!(
+        fs::read(dir.join("out/dst.dat")).unwrap(),
+        b"checkpoint bytes\n"
+    );
+    assert!(!dir.join("sync.state").exists());
+}
+
+#[test]
+fn cancel_then_free_leaves_no_file_in_the_destination() {
+    let s = Scratch::new();
+    tree(&s, "cache", 12, 4 << 20);
+    let o = piped(&mut tool(&s, &["cancel", "cache", "pfs"]));
+    ok(&o);
+    assert!(
+        files_in(&s.path("pfs")).is_empty(),
+        "{:?}",
+        files_in(&s.path("pfs"))
+    );
+    assert_eq!(files_in(&s.path("cache")).len(), 12, "sources untouched");
+}
+
+/// `axl_tool flush STATE cache pfs`, each unit slowed down, SIGKILLed once some units are
+/// durable (files of 8 MiB and more are journaled one by one; smaller ones in batches).
+fn killed_flush(s: &Scratch) -> (PathBuf, PathBuf) {
+    let src = tree(s, "cache", 6, 9 << 20);
+    let state = s.path("pfs.state");
+    let mut child = tool(s, &["flush", state.to_str().unwrap(), "cache", "pfs"])
+        .env("FERRY_FAILPOINTS", "copy::unit_written=delay(300)")
+        .env("FERRY_AXL_THREADS", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn_tracked();
+    let td = TransferDir::new(&s.path(".pfs.state.ferry"), "xfer");
+    wait_for(DEADLINE, || {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("the flush ended ({st}) before it could be killed");
+        }
+        ferry::status::status(&td).bytes_done > 0
+    });
+    child.kill().unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(!o.status.success());
+    let st = ferry::status::status(&td);
+    assert!(st.bytes_done < st.bytes_total, "{st:?}");
+    // The state file is an AXL (KVTree) file, readable by AXL itself.
+    assert_eq!(&fs::read(&state).unwrap()[..4], &[0x95, 0x1f, 0xc3, 0xf5]);
+    (src, state)
+}
+
+#[test]
+fn a_flush_killed_mid_way_is_resumed_from_its_state_file_to_identical_files() {
+    let s = Scratch::new();
+    let (src, state) = killed_flush(&s);
+    let dst = s.path("pfs");
+    assert!(
+        files_in(&dst).iter().all(|p| temps_in(&dst).contains(p)),
+        "no final file before the commit"
+    );
+    // Someone else's file now sits at a final name (AXL would append to it and succeed).
+    let victim = dst.join("d1/f1");
+    fs::create_dir_all(victim.parent().unwrap()).unwrap();
+    fs::write(&victim, vec![b'x'; 5000]).unwrap();
+    let o = piped(tool(&s, &["resume", state.to_str().unwrap()]).env("AXL_DEBUG", "1"));
+    ok(&o);
+    assert!(stderr(&o).contains("re-created from"), "{}", stderr(&o));
+    assert_same_tree(&src, &dst);
+    assert!(temps_in(&dst).is_empty());
+    assert!(!state.exists(), "Free removes the state file");
+    assert!(!s.path(".pfs.state.ferry").exists(), "and ferry's journal");
+}
+
+#[test]
+fn stop_after_a_restart_cancels_and_frees_what_the_killed_run_left() {
+    let s = Scratch::new();
+    let (src, state) = killed_flush(&s);
+    let dst = s.path("pfs");
+    assert!(!temps_in(&dst).is_empty());
+    // The same program, restarted in the same place: AXL_Stop cleans the plate.
+    let o = piped(&mut tool(&s, &["stop"]));
+    ok(&o);
+    assert!(files_in(&dst).is_empty(), "{:?}", files_in(&dst));
+    assert!(!state.exists());
+    assert!(!s.path(".pfs.state.ferry").exists());
+    assert_eq!(files_in(&src).len(), 6, "sources untouched");
+    // Nothing left to stop.
+    ok(&piped(&mut tool(&s, &["stop"])));
+}
+
+fn scr_flush(s: &Scratch, n: usize, broken: Option<usize>) -> Output {
+    let mut c = Command::new("mpirun");
+    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_btl_base_warn_component_unused", "0")
+        .env("FERRY_HOME", s.home())
+        .env("FERRY_AXL_STATE_DIR", s.path("axl-state"))
+        .env("FERRY_TEST_TAG", s.dir.path())
+        .env_remove("FERRY_FAILPOINTS")
+        .current_dir(s.dir.path())
+        .stdin(Stdio::null())
+        .args(["--oversubscribe", "--bind-to", "none", "-n", &n.to_string()])
+        .arg(&programs().scr_flush)
+        .args([s.path("cache"), s.path("pfs")])
+        .args(["3", "4"]);
+    if let Some(r) = broken {
+        c.env("SCR_FLUSH_BREAK_RANK", r.to_string());
+    }
+    piped(&mut c)
+}
+
+#[test]
+fn an_mpi_flush_commits_on_every_rank_only_after_all_succeeded() {
+    let s = Scratch::new();
+    let o = scr_flush(&s, 4, None);
+    ok(&o);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("flush of 4 ranks x 3 files: committed"),
+        "{out}"
+    );
+    for r in 0..4 {
+        assert_same_tree(
+            &s.path(&format!("cache/rank{r}")),
+            &s.path(&format!("pfs/ckpt.1/rank{r}")),
+        );
+    }
+    assert!(s.path("pfs/ckpt.1/COMPLETE").exists());
+
+    // Rank 2 cannot write its destination: no rank's checkpoint appears, none is marked.
+    let s = Scratch::new();
+    let o = scr_flush(&s, 4, Some(2));
+    assert!(!o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("failed, checkpoint not marked"), "{out}");
+    assert!(
+        stderr(&o).contains("ferry-axl rank 2: AXL_Wait(id 0)"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        files_in(&s.path("pfs")).is_empty(),
+        "{:?}",
+        files_in(&s.path("pfs"))
+    );
+    assert!(files_in(&s.path("axl-state")).is_empty(), "Free cleaned up");
+}
