@@ -5,7 +5,11 @@ CARGO ?= cargo
 # Integration tests copy GiBs; keep their scratch space on the same disk as the checkout.
 export FERRY_TEST_TMP ?= $(CARGO_TARGET_DIR)/test-tmp
 
-.PHONY: all deps build release test lint unit demo clean crash-matrix bench
+.PHONY: all deps build release test lint unit demo clean crash-matrix bench install
+PREFIX ?= /usr/local
+# The AXL-compatible C libraries (libaxl, libaxl_mpi), built apart from the ferry binary so
+# that libaxl does not link MPI.
+AXL_CRATES := -p ferry-axl -p ferry-axl-mpi
 
 all: build
 
@@ -17,22 +21,31 @@ build: deps
 
 release: deps
 	$(CARGO) build --release
+	$(CARGO) build --release $(AXL_CRATES)
+
+# bin/ferry, lib/libaxl{,_mpi}.{so,a}, include/axl{,_mpi}.h, share/axl/cmake (find_package(axl))
+# and lib/pkgconfig under PREFIX.
+install: release
+	bash scripts/install.sh $(PREFIX) $(CARGO_TARGET_DIR)/release
 
 lint: deps
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets --features failpoints -- -D warnings
-	$(CARGO) clippy --all-targets --no-default-features -- -D warnings
-	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --quiet
+	$(CARGO) clippy --workspace --all-targets --features failpoints -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --no-default-features -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps --quiet
 	shellcheck -S warning -x -P slurm slurm/*.sbatch slurm/*.sh scripts/*.sh
 
 # Every test: unit tests, the integration suite (real binary, in-process ranks, SIGKILL and
 # failpoint crashes), mpi-tests/ (the real binary under mpirun -n 1..8 and srun, and the job
 # scripts of slurm/ submitted with sbatch, one of them stopped by its time-limit warning) and the PR tier
-# of the crash matrix. One build with the
-# failpoints feature serves all of them. A one-node Slurm cluster (scripts/slurm-cluster.sh) runs
+# of the crash matrix, and the AXL-compatible C libraries (KVTree unit tests; C programs built
+# with mpicc and CMake against them, in mpi-tests/axl.rs). One build with the failpoints feature
+# serves all of them. A one-node Slurm cluster (scripts/slurm-cluster.sh) runs
 # for the srun tests and is stopped afterwards.
 test: deps lint
 	mkdir -p $(FERRY_TEST_TMP)
+	$(CARGO) build $(AXL_CRATES) --features ferry-axl/failpoints,ferry-axl-mpi/failpoints
+	$(CARGO) test -p ferry-axl --features failpoints --lib
 	set -e; eval "$$(bash scripts/slurm-cluster.sh start)"; \
 	  trap 'bash scripts/slurm-cluster.sh stop' EXIT; \
 	  FERRY_REQUIRE_SLURM=1 $(CARGO) test --features failpoints --lib --bins \

@@ -300,3 +300,160 @@ fn an_mpi_flush_commits_on_every_rank_only_after_all_succeeded() {
     );
     assert!(files_in(&s.path("axl-state")).is_empty(), "Free cleaned up");
 }
+
+/// `scr_flush` under `mpirun -n 2` in a scratch of its own (2 files of 1 MiB per rank), with
+/// `ld_path` first on LD_LIBRARY_PATH; a success is checked for its checkpoint.
+fn flush_2(exe: &Path, ld_path: Option<&Path>) -> Output {
+    let run = Scratch::new();
+    let mut c = Command::new("mpirun");
+    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("FERRY_HOME", run.home())
+        .env("FERRY_AXL_STATE_DIR", run.path("axl-state"))
+        .args(["--oversubscribe", "-n", "2"]);
+    // (cargo runs tests with its target directory, which holds ferry's libaxl*, on it)
+    match ld_path {
+        Some(p) => c.env("LD_LIBRARY_PATH", p),
+        None => c.env_remove("LD_LIBRARY_PATH"),
+    };
+    c.arg(exe)
+        .args([run.path("cache"), run.path("pfs")])
+        .args(["2", "1"]);
+    let o = piped(&mut c);
+    if o.status.success() {
+        for r in 0..2 {
+            assert_same_tree(
+                &run.path(&format!("cache/rank{r}")),
+                &run.path(&format!("pfs/ckpt.1/rank{r}")),
+            );
+        }
+        assert!(
+            run.path("pfs/ckpt.1/COMPLETE").exists(),
+            "{}",
+            exe.display()
+        );
+    }
+    o
+}
+
+/// `scripts/install.sh PREFIX` with the libraries under test, then a CMake project that uses
+/// `find_package(axl)` and AXL's four imported targets, and a pkg-config build.
+#[test]
+fn an_installed_ferry_serves_cmake_and_pkg_config_projects_built_for_axl() {
+    let s = Scratch::new();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let prefix = s.path("prefix");
+    let o = Command::new("bash")
+        .arg(root.join("scripts/install.sh"))
+        .arg(&prefix)
+        .arg(libdir())
+        .output()
+        .unwrap();
+    ok(&o);
+    for f in [
+        "bin/ferry",
+        "lib/libaxl.so",
+        "lib/libaxl.a",
+        "lib/libaxl_mpi.so",
+        "lib/libaxl_mpi.a",
+        "include/axl.h",
+        "include/axl_mpi.h",
+        "share/axl/cmake/axlConfig.cmake",
+        "share/axl/cmake/axlConfigVersion.cmake",
+        "lib/pkgconfig/axl.pc",
+        "lib/pkgconfig/axl_mpi.pc",
+    ] {
+        assert!(prefix.join(f).exists(), "{f} not installed");
+    }
+    let build = s.path("build");
+    let cmake = |args: &[&str]| {
+        let o = Command::new("cmake")
+            .args(args)
+            .env("CC", "mpicc")
+            .current_dir(s.dir.path())
+            .output()
+            .unwrap();
+        ok(&o);
+    };
+    cmake(&[
+        "-S",
+        root.join("mpi-tests/cmake-consumer").to_str().unwrap(),
+        "-B",
+        build.to_str().unwrap(),
+        &format!("-DCMAKE_PREFIX_PATH={}", prefix.display()),
+    ]);
+    cmake(&["--build", build.to_str().unwrap(), "-j", "2"]);
+    // The shared and the static MPI builds flush; the static serial tool copies.
+    for exe in ["scr_flush", "scr_flush_static"] {
+        let o = flush_2(&build.join(exe), None);
+        ok(&o);
+    }
+    let dynamic = Command::new("readelf")
+        .arg("-d")
+        .arg(build.join("scr_flush_static"))
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&dynamic.stdout).contains("libaxl"),
+        "static means static"
+    );
+
+    // A program built against another libaxl_mpi.so (here a stub whose calls all fail), found
+    // through its RUNPATH, runs on ferry's when ferry's lib directory comes first on
+    // LD_LIBRARY_PATH: the run-time swap an already-built SCR gets.
+    let stub = s.path("stub");
+    fs::create_dir_all(&stub).unwrap();
+    let cc = |args: &[&str]| {
+        let o = Command::new("mpicc").args(args).output().unwrap();
+        ok(&o);
+    };
+    let inc = format!("-I{}/include", prefix.display());
+    cc(&[
+        "-shared",
+        "-fPIC",
+        "-Wl,-soname,libaxl_mpi.so",
+        &inc,
+        "-o",
+        stub.join("libaxl_mpi.so").to_str().unwrap(),
+        root.join("mpi-tests/c/axl_stub.c").to_str().unwrap(),
+    ]);
+    let prebuilt = s.path("prebuilt_scr_flush");
+    cc(&[
+        &inc,
+        "-o",
+        prebuilt.to_str().unwrap(),
+        root.join("docs/examples/scr_flush.c").to_str().unwrap(),
+        &format!("-L{}", stub.display()),
+        "-laxl_mpi",
+        &format!("-Wl,-rpath,{}", stub.display()),
+    ]);
+    let o = flush_2(&prebuilt, None);
+    assert!(
+        !o.status.success() && stderr(&o).contains("original AXL stub"),
+        "{}",
+        stderr(&o)
+    );
+    ok(&flush_2(&prebuilt, Some(&prefix.join("lib"))));
+    let src = tree(&s, "cache", 3, 1 << 20);
+    let o = Command::new(build.join("axl_tool_static"))
+        .args(["serial", "SYNC", "cache", "out"])
+        .current_dir(s.dir.path())
+        .env("FERRY_HOME", s.home())
+        .env("FERRY_AXL_STATE_DIR", s.path("axl-state"))
+        .output()
+        .unwrap();
+    ok(&o);
+    assert_same_tree(&src, &s.path("out"));
+    // pkg-config knows both libraries.
+    let o = Command::new("pkg-config")
+        .args(["--cflags", "--libs", "axl_mpi"])
+        .env("PKG_CONFIG_PATH", prefix.join("lib/pkgconfig"))
+        .output()
+        .unwrap();
+    ok(&o);
+    let flags = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        flags.contains("-laxl_mpi") && flags.contains(&format!("-I{}/include", prefix.display())),
+        "{flags}"
+    );
+}

@@ -24,6 +24,8 @@ for pair in "slurmctld:slurmctld" "slurmd:slurmd" "sbatch:slurm-client" "munged:
 done
 # make lint checks the job scripts of slurm/ and scripts/.
 have_cmd shellcheck || need_pkgs+=(shellcheck)
+# The AXL-compatibility tests build a C project with CMake's find_package(axl).
+have_cmd cmake || need_pkgs+=(cmake)
 # /usr/bin/time -v reports peak memory per rank (docs, issue notes).
 [ -x /usr/bin/time ] || need_pkgs+=(time)
 

@@ -194,7 +194,7 @@ fn a_flush_killed_mid_copy_is_resumed_by_another_process_from_its_state() {
 }
 
 #[test]
-fn a_collective_wait_commits_only_when_every_rank_prepared() {
+fn collective_dispatch_test_and_wait_commit_only_when_every_rank_prepared_and_free_cleans_up() {
     let s = Scratch::new();
     let pairs = checkpoint(&s, 9, 1 << 20);
     let state = s.path("state");
@@ -211,8 +211,22 @@ fn a_collective_wait_commits_only_when_every_rank_prepared() {
                     x.add(a, b)?;
                 }
             }
-            x.dispatch()?;
-            x.wait_all(c)
+            // Collective dispatch and test: every rank learns when all are done.
+            x.dispatch_all(c)?;
+            loop {
+                let p = x.test_all(c)?;
+                if p.done {
+                    assert!(broken.is_some() || p.bytes_done == p.bytes_total);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let res = x.wait_all(c);
+            if res.is_ok() {
+                // Finished with: its state goes.
+                x.free()?;
+            }
+            res
         })
     };
     // Rank 1 adds a source that does not exist: no rank commits, every rank learns why.
@@ -228,6 +242,9 @@ fn a_collective_wait_commits_only_when_every_rank_prepared() {
     // All well: every rank commits.
     for res in run(None) {
         assert_eq!(res.unwrap().state, State::Committed);
+    }
+    for r in 0..3 {
+        assert!(!state.join(format!("ckpt-a-{r}")).exists(), "freed");
     }
     for (a, d) in &pairs {
         assert_eq!(
