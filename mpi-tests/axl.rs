@@ -14,6 +14,7 @@ use crate::{piped, DEADLINE};
 
 struct Programs {
     tool: PathBuf,
+    config: PathBuf,
     scr_flush: PathBuf,
 }
 
@@ -43,7 +44,7 @@ fn programs() -> &'static Programs {
         let build = |src: &str, name: &str, axl: &str| {
             let exe = out.join(name);
             let o = Command::new("mpicc")
-                .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-o"])
+                .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-rdynamic", "-o"])
                 .arg(&exe)
                 .arg(root.join(src))
                 .arg(format!("-I{}", root.join("axl/include").display()))
@@ -58,6 +59,7 @@ fn programs() -> &'static Programs {
         };
         Programs {
             tool: build("mpi-tests/c/axl_tool.c", "axl_tool", "axl"),
+            config: build("mpi-tests/c/axl_config.c", "axl_config", "axl"),
             scr_flush: build("docs/examples/scr_flush.c", "scr_flush", "axl_mpi"),
         }
     })
@@ -160,6 +162,17 @@ fn misuse_returns_the_failure_code_with_a_message_and_crashes_nothing() {
         b"checkpoint bytes\n"
     );
     assert!(!dir.join("sync.state").exists());
+}
+
+#[test]
+fn axl_config_takes_what_scr_sends_and_refuses_unknown_keys() {
+    let o = Command::new(&programs().config).output().unwrap();
+    ok(&o);
+    assert!(
+        stderr(&o).contains("NO_SUCH_OPTION: unknown option"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
