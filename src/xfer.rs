@@ -20,10 +20,10 @@
 //!
 //! **free** removes the state of a transfer that is finished with (committed, cancelled, or
 //! never dispatched; a failed one is cancelled first, so no temporary file is left in its
-//! destination). **stop** ([`stop_orphans`]) cancels and frees the transfers an earlier run of
-//! the same program left behind: every dispatched transfer is recorded, until it is freed, in an
-//! owner file (host, pid, program, working directory) under `$FERRY_HOME/xfers` (see
-//! [`crate::state::registry::dir`]).
+//! destination). **stop** ([`stop`]) cancels every transfer this process dispatched, and cancels
+//! and frees those an earlier run of the same program left behind ([`stop_orphans`]): every
+//! dispatched transfer is recorded, until it is freed, in an owner file (host, pid, program,
+//! working directory) under `$FERRY_HOME/xfers` (see [`crate::state::registry::dir`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -385,6 +385,36 @@ fn release(td: &TransferDir, companion: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
+/// Stop everything this process dispatched and everything an earlier run of this program left
+/// behind: this process's transfers still recorded (dispatched, not freed) are cancelled — a
+/// running one stops, and its `wait` reports `cancelled`; its owner frees it — and the earlier
+/// runs' are cancelled and freed ([`stop_orphans`]). Returns how many were stopped.
+pub fn stop() -> Result<usize> {
+    let me = std::process::id() as i32;
+    let mut stopped = 0;
+    let mut first_err = None;
+    for (_, owner) in owners::list() {
+        if owner.pid() != me || !owner.on_this_host() {
+            continue;
+        }
+        let td = TransferDir::new(crate::fsio::parent_of(&owner.state), &owner.id);
+        let st = crate::status::status(&td);
+        if matches!(st.state, State::Committed | State::Cancelled) || !td.path.exists() {
+            continue;
+        }
+        match transfer::cancel(&td, std::time::Duration::from_secs(30)) {
+            Ok(_) => stopped += 1,
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    match (stop_orphans(), first_err) {
+        (Ok(n), None) => Ok(stopped + n),
+        (Err(e), _) | (Ok(_), Some(e)) => Err(e),
+    }
+}
+
 /// Cancel and free every transfer that an earlier run of this program left behind: recorded
 /// (at dispatch) on this host by a process that no longer exists, started from the same
 /// executable in the same working directory, and not freed. The transfers of running processes,
@@ -511,6 +541,14 @@ mod owners {
     }
 
     impl Owner {
+        pub fn pid(&self) -> i32 {
+            self.pid
+        }
+
+        pub fn on_this_host(&self) -> bool {
+            self.host == me().0
+        }
+
         /// Left behind by an earlier run of this program: same host, executable and working
         /// directory, and its process is gone.
         pub fn is_orphan_of_this_program(&self) -> bool {

@@ -253,3 +253,60 @@ fn collective_dispatch_test_and_wait_commit_only_when_every_rank_prepared_and_fr
         );
     }
 }
+
+/// Run as a child process (its own registry) by the test below: dispatch a slow flush, stop.
+#[test]
+#[ignore = "run by stop_cancels_what_this_process_dispatched"]
+fn child_that_stops() {
+    let Some(dir) = std::env::var_os("FERRY_XFER_CHILD") else {
+        return;
+    };
+    let dir = Path::new(&dir);
+    let src = dir.join("cache");
+    let mut x = Xfer::create("stopped", &dir.join("state")).unwrap();
+    x.add(&src, dir.join("pfs")).unwrap();
+    x.set_threads(1);
+    x.dispatch().unwrap();
+    let td = ferry::state::TransferDir::new(&dir.join("state"), "stopped");
+    wait_for(Duration::from_secs(60), || {
+        ferry::status::status(&td).state == State::Copying
+    });
+    // Somewhere else in the program (it need not hold the Xfer): stop everything.
+    assert_eq!(ferry::xfer::stop().unwrap(), 1);
+    assert_eq!(x.wait().unwrap_err().class, ErrorClass::Cancelled);
+    x.free().unwrap();
+    println!("CHILD-STOPPED");
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn stop_cancels_what_this_process_dispatched() {
+    let s = Scratch::new();
+    let mut r = Rng::new(4);
+    numbered_files(&s.path("cache"), 30, 3, 1 << 20, 7, &mut r);
+    let o = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "xfer::child_that_stops",
+            "--nocapture",
+        ])
+        .env("FERRY_XFER_CHILD", s.dir.path())
+        .env("FERRY_HOME", s.home())
+        .env("FERRY_FAILPOINTS", "copy::unit_written=delay(50)")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("CHILD-STOPPED"),
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        stderr(&o)
+    );
+    assert!(temps_in(&s.path("pfs")).is_empty());
+    assert!(!s.path("state/stopped").exists(), "freed");
+    // Nothing recorded any more: a later stop has nothing to do.
+    assert!(std::fs::read_dir(s.home().join("xfers"))
+        .unwrap()
+        .next()
+        .is_none());
+}
