@@ -108,6 +108,8 @@ pub fn sync_fs(path: &Path) -> Result<()> {
 /// Rename `from` to `to` (atomic on POSIX). The caller fsyncs the parent directory, in a batch.
 pub fn rename(from: &Path, to: &Path) -> Result<()> {
     failpoints::io("fsio::rename", to)?;
+    #[cfg(feature = "failpoints")]
+    let _model = crate::powerloss::op_guard();
     fs::rename(from, to).ctx("rename", to)
 }
 
@@ -297,6 +299,8 @@ pub fn open_temp(path: &Path) -> Result<(File, bool)> {
 /// Remove a file or symlink; a missing one is not an error. Returns whether something was removed.
 /// The caller fsyncs the parent directory when the removal must be durable.
 pub fn remove_file(path: &Path) -> Result<bool> {
+    #[cfg(feature = "failpoints")]
+    let _model = crate::powerloss::op_guard();
     #[cfg(feature = "failpoints")]
     crate::powerloss::before_unlink(path);
     match fs::remove_file(path) {

@@ -37,6 +37,18 @@ struct Model {
 
 static MODEL: Mutex<Option<Model>> = Mutex::new(None);
 
+/// Renames and removals ([`op_guard`], shared) against the whole-tree snapshot of a `syncfs`
+/// ([`fs_synced`], exclusive): a snapshot taken while another rank thread renames a temporary
+/// file to its final name would see neither name, and the model would lose a file whose data
+/// an earlier `syncfs` had made durable.
+static OPS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// Held by `fsio` around a rename or a removal while a model runs.
+pub fn op_guard() -> Option<std::sync::RwLockReadGuard<'static, ()>> {
+    let active = MODEL.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+    active.then(|| OPS.read().unwrap_or_else(|e| e.into_inner()))
+}
+
 fn key(p: &Path) -> String {
     crate::pathser::encode(p)
 }
@@ -112,6 +124,7 @@ pub fn file_synced(path: &Path) {
 /// Everything on the file system became durable (called by `fsio` after a `syncfs`; the model
 /// takes its whole tree, which tests keep on one file system).
 pub fn fs_synced() {
+    let _no_renames = OPS.write().unwrap_or_else(|e| e.into_inner());
     let mut g = MODEL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(m) = g.as_mut() else { return };
     let Ok(root) = crate::pathser::decode(&m.root) else {
@@ -335,8 +348,49 @@ mod tests {
     use crate::fsio;
     use std::io::Write;
 
+    /// The model is one per process: its tests take turns.
+    static SERIAL: Mutex<()> = Mutex::new(());
+
+    #[test]
+    fn a_syncfs_snapshot_never_misses_a_file_another_thread_renames() {
+        let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("w");
+        fs::create_dir(&root).unwrap();
+        let (a, b) = (root.join("temp"), root.join("final"));
+        fs::write(&a, b"durable bytes").unwrap();
+        start(&root);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|sc| {
+            sc.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    fsio::rename(&a, &b).unwrap();
+                    fsio::rename(&b, &a).unwrap();
+                }
+            });
+            for i in 0..5000 {
+                fs_synced();
+                let g = MODEL.lock().unwrap();
+                let m = g.as_ref().unwrap();
+                let seen = [&a, &b]
+                    .iter()
+                    .filter(|p| m.entries.contains_key(&key(p)))
+                    .count();
+                let data = m.data.values().any(|v| v == b"durable bytes");
+                if seen != 1 || !data {
+                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    panic!("snapshot {i} saw {seen} of the two names, data kept: {data}");
+                }
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+        *MODEL.lock().unwrap() = None;
+        clear(&root);
+    }
+
     #[test]
     fn a_power_loss_keeps_exactly_what_was_fsynced() {
+        let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let d = tempfile::tempdir().unwrap();
         let root = d.path().join("w");
         fs::create_dir(&root).unwrap();

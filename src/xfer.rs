@@ -336,14 +336,21 @@ impl Xfer {
         Ok(())
     }
 
-    /// Join the background thread if there is one.
+    /// Join the background thread if there is one. A run that failed before its state existed
+    /// leaves nothing to stop: its owner record goes.
     fn reap(&mut self) {
         self.phase = match std::mem::replace(&mut self.phase, Phase::Idle) {
-            Phase::Running(h) => Phase::Ended(h.join().unwrap_or_else(|_| {
-                Err(Error::internal(
-                    "the transfer thread panicked; its state is kept",
-                ))
-            })),
+            Phase::Running(h) => {
+                let r = h.join().unwrap_or_else(|_| {
+                    Err(Error::internal(
+                        "the transfer thread panicked; its state is kept",
+                    ))
+                });
+                if r.is_err() && !self.td.path.exists() {
+                    owners::forget(&self.td);
+                }
+                Phase::Ended(r)
+            }
             other => other,
         };
     }

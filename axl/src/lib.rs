@@ -195,22 +195,29 @@ fn plain(e: ferry::Error) -> ferry::Error {
 
 /// One line on stderr, as every failure gets.
 fn complain(call: &str, id: Option<i32>, msg: impl std::fmt::Display) {
-    let rank = lock(&OPTIONS).rank;
-    let who = if rank >= 0 {
-        format!(" rank {rank}")
-    } else {
-        String::new()
-    };
     match id {
-        Some(id) => eprintln!("ferry-axl{who}: {call}(id {id}): {msg}"),
-        None => eprintln!("ferry-axl{who}: {call}: {msg}"),
+        Some(id) => line(format_args!("{call}(id {id}): {msg}")),
+        None => line(format_args!("{call}: {msg}")),
     }
 }
 
 fn debug(level: i32, msg: impl FnOnce() -> String) {
     if lock(&OPTIONS).debug >= level {
-        eprintln!("ferry-axl: {}", msg());
+        line(format_args!("{}", msg()));
     }
+}
+
+/// `ferry-axl[ rank R]: what` on stderr in one write, so the lines of ranks sharing a terminal
+/// or a log do not interleave.
+fn line(what: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let rank = lock(&OPTIONS).rank;
+    let text = if rank >= 0 {
+        format!("ferry-axl rank {rank}: {what}\n")
+    } else {
+        format!("ferry-axl: {what}\n")
+    };
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
 }
 
 /// Run `f`, turning a panic into `fail` with a message (a Rust panic must never unwind into C).

@@ -75,6 +75,10 @@ fn dispatch_returns_test_reports_and_wait_commits_every_pair() {
         x.add(&pairs[0].0, s.path("late")).unwrap_err().class,
         ErrorClass::Usage
     );
+    // Free: the state goes, the files stay.
+    x.free().unwrap();
+    assert!(!td.path.exists());
+    same_bytes(&pairs);
 }
 
 #[test]
@@ -119,6 +123,7 @@ fn cancel_stops_a_running_flush_and_leaves_no_file_behind() {
     assert_eq!(st.state, State::Cancelled, "{st:?}");
     assert!(pairs.iter().all(|(_, d)| !d.exists()));
     assert!(temps_in(&s.path("pfs")).is_empty());
+    x.free().unwrap();
 }
 
 /// Run as a child process by the test below: dispatch a flush that dies (`_exit`) mid-copy.
@@ -191,6 +196,7 @@ fn a_flush_killed_mid_copy_is_resumed_by_another_process_from_its_state() {
     assert_eq!(sum.state, State::Committed);
     assert!(sum.bytes_reused > 0, "finished units were kept: {sum:?}");
     same_bytes(&pairs);
+    x.free().unwrap();
 }
 
 #[test]
@@ -238,7 +244,12 @@ fn collective_dispatch_test_and_wait_commit_only_when_every_rank_prepared_and_fr
     for r in [0, 2] {
         let td = ferry::state::TransferDir::new(&state, &format!("ckpt-b-{r}"));
         assert_eq!(ferry::status::status(&td).state, State::Prepared);
+        // Given up: free cancels it (its temporaries go) and removes its state.
+        let mut x = Xfer::open(&td.id, &state).unwrap();
+        x.free().unwrap();
+        assert!(!td.path.exists());
     }
+    assert!(temps_in(&s.path("pfs")).is_empty());
     // All well: every rank commits.
     for res in run(None) {
         assert_eq!(res.unwrap().state, State::Committed);
