@@ -10,6 +10,9 @@ PREFIX ?= /usr/local
 # The AXL-compatible C libraries (libaxl, libaxl_mpi), built apart from the ferry binary so
 # that libaxl does not link MPI.
 AXL_CRATES := -p ferry-axl -p ferry-axl-mpi
+# HDF5 (ferry gen, --verify-hdf5) for the demo, the benchmarks, the tests and `make release`;
+# `make release FEATURES=` builds without libhdf5.
+FEATURES ?= --features hdf5
 
 all: build
 
@@ -20,7 +23,7 @@ build: deps
 	$(CARGO) build
 
 release: deps
-	$(CARGO) build --release
+	$(CARGO) build --release $(FEATURES)
 	$(CARGO) build --release $(AXL_CRATES)
 
 # bin/ferry, lib/libaxl{,_mpi}.{so,a}, include/axl{,_mpi}.h, share/axl/cmake (find_package(axl))
@@ -30,7 +33,7 @@ install: release
 
 lint: deps
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --workspace --all-targets --features failpoints -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --features failpoints,hdf5 -- -D warnings
 	$(CARGO) clippy --workspace --all-targets --no-default-features -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps --quiet
 	shellcheck -S warning -x -P slurm slurm/*.sbatch slurm/*.sh scripts/*.sh
@@ -48,9 +51,10 @@ test: deps lint
 	$(CARGO) test -p ferry-axl --features failpoints --lib
 	set -e; eval "$$(bash scripts/slurm-cluster.sh start)"; \
 	  trap 'bash scripts/slurm-cluster.sh stop' EXIT; \
-	  FERRY_REQUIRE_SLURM=1 $(CARGO) test --features failpoints --lib --bins \
+	  FERRY_REQUIRE_SLURM=1 $(CARGO) test --features failpoints,hdf5 --lib --bins \
 	    --test it --test mpi -- --test-threads 2
-	$(CARGO) test --features failpoints --test crash_matrix -- --nocapture
+	$(CARGO) test --features failpoints,hdf5 --test crash_matrix -- --nocapture
+	bash scripts/smoke-without-hdf5.sh
 	rm -rf $(FERRY_TEST_TMP)
 
 # Every failpoint x hit (first, middle, last) x victim rank x action (exit, EIO, ENOSPC, EACCES,
@@ -58,7 +62,7 @@ test: deps lint
 # target/crash-matrix.jsonl, and the line `cells: N, survived: S, safe-fail: F, violations: V`.
 crash-matrix: deps
 	mkdir -p $(FERRY_TEST_TMP)
-	FERRY_CRASH_TIER=full $(CARGO) test --features failpoints --test crash_matrix -- --nocapture
+	FERRY_CRASH_TIER=full $(CARGO) test --features failpoints,hdf5 --test crash_matrix -- --nocapture
 	rm -rf $(FERRY_TEST_TMP)
 
 # Benchmarks (root, 2 cores, ~40 min at full scale; FERRY_BENCH_SCALE=0.1 for a quick look):
@@ -66,9 +70,9 @@ crash-matrix: deps
 # comparison with cp, rsync and the raw limit. Tables go to target/bench/*.md.
 bench: deps
 	mkdir -p $(CARGO_TARGET_DIR)/bench
-	$(CARGO) bench --bench micro 2>&1 | tee $(CARGO_TARGET_DIR)/bench/micro.txt
-	$(CARGO) bench --bench scale | tee $(CARGO_TARGET_DIR)/bench/scale.md
-	$(CARGO) bench --bench e2e
+	$(CARGO) bench $(FEATURES) --bench micro 2>&1 | tee $(CARGO_TARGET_DIR)/bench/micro.txt
+	$(CARGO) bench $(FEATURES) --bench scale | tee $(CARGO_TARGET_DIR)/bench/scale.md
+	$(CARGO) bench $(FEATURES) --bench e2e
 
 demo: release
 	bash scripts/demo.sh

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The ferry demo: generate a 4-rank checkpoint tree, stage it with 4 ranks, SIGKILL the copy
-# halfway, show the state, resume it, verify it, and compare the trees byte for byte.
+# The ferry demo: generate a 4-rank HDF5 checkpoint (ferry gen), stage it with 4 ranks checking
+# every HDF5 file before the commit, SIGKILL the copy halfway, show the state, resume it, verify
+# it, and compare the trees byte for byte.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FERRY=${FERRY:-$PWD/target/release/ferry}
@@ -10,17 +11,6 @@ export FERRY_HOME="$DEMO/home"   # keep the demo's transfers out of your own reg
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 [ -x "$FERRY" ] || { echo "demo: $FERRY not built (make release)" >&2; exit 1; }
-
-rm -rf "$DEMO"; mkdir -p "$DEMO/bb" "$DEMO/pfs"
-say "1. a checkpoint as $RANKS ranks leave it on node-local storage ($DEMO/bb)"
-for r in $(seq 0 $((RANKS - 1))); do
-  d="$DEMO/bb/rank$r"; mkdir -p "$d/fields" "$d/meta"
-  head -c $((120 + 20 * r))M /dev/urandom > "$d/state.dat"           # one large array per rank
-  for i in $(seq 0 39); do head -c $((64 + i * 4))K /dev/urandom > "$d/fields/f$i.bin"; done
-  printf 'rank=%d\nstep=1200\n' "$r" > "$d/meta/info.txt"
-  ln -s state.dat "$d/latest"
-done
-du -sh "$DEMO/bb"
 
 # Launch on $RANKS MPI ranks when Open MPI is here (the project sets what Open MPI needs as root
 # and on a machine with fewer cores than ranks; a user never has to), else as in-process ranks.
@@ -34,8 +24,16 @@ else
   how="ferry --ranks $RANKS (in-process ranks: no MPI here)"
 fi
 
-say "2. stage it: $how copy --layout local ..."
-launch "$RANKS" copy --layout local --threads 2 --chunk-size 16MiB --quiet \
+rm -rf "$DEMO"; mkdir -p "$DEMO/bb" "$DEMO/pfs"
+say "1. a checkpoint as $RANKS ranks leave it on node-local storage ($DEMO/bb): $how gen"
+# Each rank writes its own HDF5 checkpoint (large arrays with checksums, many small datasets,
+# attributes) and plain files, as an application would.
+launch "$RANKS" gen "$DEMO/bb" --size 120MiB --seed 1200
+for r in $(seq 0 $((RANKS - 1))); do ln -s ckpt.h5 "$DEMO/bb/rank$r/latest"; done
+du -sh "$DEMO/bb"
+
+say "2. stage it: $how copy --layout local --verify-hdf5 ..."
+launch "$RANKS" copy --layout local --threads 2 --chunk-size 16MiB --verify-hdf5 --quiet \
   "$DEMO/bb/rank{rank}" "$DEMO/pfs/ckpt/rank{rank}" > "$DEMO/id" &
 pid=$!
 while [ ! -s "$DEMO/id" ]; do kill -0 $pid 2>/dev/null || break; sleep 0.01; done

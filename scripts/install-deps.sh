@@ -24,6 +24,8 @@ for pair in "slurmctld:slurmctld" "slurmd:slurmd" "sbatch:slurm-client" "munged:
 done
 # make lint checks the job scripts of slurm/ and scripts/.
 have_cmd shellcheck || need_pkgs+=(shellcheck)
+# HDF5 (the `hdf5` feature: ferry gen, --verify-hdf5): Debian's libhdf5, found by pkg-config.
+have_pkg libhdf5-dev || need_pkgs+=(libhdf5-dev)
 # The AXL-compatibility tests build a C project with CMake's find_package(axl).
 have_cmd cmake || need_pkgs+=(cmake)
 # /usr/bin/time -v reports peak memory per rank (docs, issue notes).

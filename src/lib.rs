@@ -14,6 +14,7 @@
 //! | fsync / rename discipline (the only place) | [`fsio`] |
 //! | renames to final names, commit record, source removal | [`commit`] |
 //! | manifest and `ferry verify` | [`manifest`] |
+//! | HDF5: `--verify-hdf5`, `ferry gen` (feature `hdf5`) | [`h5`] |
 //! | state directory, records, lock, registry | [`state`] |
 //! | `ferry status` | [`status`] |
 //! | the protocol, phase by phase | [`transfer`] |
@@ -29,6 +30,7 @@ pub mod engine;
 pub mod error;
 pub mod failpoints;
 pub mod fsio;
+pub mod h5;
 pub mod journal;
 pub mod manifest;
 #[cfg(feature = "mpi")]

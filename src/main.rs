@@ -20,10 +20,40 @@ use ferry::{Error, Layout};
 
 /// `ferry --version`: the version and the optional parts built in (what a job script or a
 /// package's smoke test checks).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    mpi_part!(),
+    " ",
+    hdf5_part!(),
+    ")"
+);
+
 #[cfg(feature = "mpi")]
-const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (+mpi)");
+macro_rules! mpi_part {
+    () => {
+        "+mpi"
+    };
+}
 #[cfg(not(feature = "mpi"))]
-const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (~mpi)");
+macro_rules! mpi_part {
+    () => {
+        "~mpi"
+    };
+}
+#[cfg(feature = "hdf5")]
+macro_rules! hdf5_part {
+    () => {
+        "+hdf5"
+    };
+}
+#[cfg(not(feature = "hdf5"))]
+macro_rules! hdf5_part {
+    () => {
+        "~hdf5"
+    };
+}
+use {hdf5_part, mpi_part};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -102,6 +132,13 @@ enum Cmd {
         /// Re-read every destination unit and compare CRC32s before committing.
         #[arg(long)]
         verify: bool,
+        /// Before the commit, open every staged .h5/.hdf5 file with libhdf5 and read it back:
+        /// `data` (the default) reads every dataset, `metadata` only groups, types, shapes and
+        /// attributes. A file that fails is an integrity error naming the object; nothing is
+        /// committed.
+        #[arg(long, value_enum, num_args = 0..=1, require_equals = true,
+              default_missing_value = "data", value_name = "WHAT")]
+        verify_hdf5: Option<ferry::h5::Depth>,
         /// Leave out sockets, FIFOs and device files (with a warning) instead of refusing them.
         #[arg(long)]
         skip_special: bool,
@@ -121,6 +158,13 @@ enum Cmd {
         /// Re-read every destination unit before committing.
         #[arg(long)]
         verify: bool,
+        /// Before the commit (also recorded by the copy), open every staged .h5/.hdf5 file with libhdf5 and read it back:
+        /// `data` (the default) reads every dataset, `metadata` only groups, types, shapes and
+        /// attributes. A file that fails is an integrity error naming the object; nothing is
+        /// committed.
+        #[arg(long, value_enum, num_args = 0..=1, require_equals = true,
+              default_missing_value = "data", value_name = "WHAT")]
+        verify_hdf5: Option<ferry::h5::Depth>,
         #[command(flatten)]
         out: Output,
     },
@@ -165,6 +209,22 @@ enum Cmd {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+    /// Write a checkpoint-like sample dataset (needs the `hdf5` feature): per rank
+    /// DIR/rank{r}/ckpt.h5 (three large arrays with checksums, 48 small datasets, attributes),
+    /// restart.bin and run.log. Under mpirun each rank writes its own.
+    Gen {
+        /// Where to write.
+        dir: PathBuf,
+        /// Data per rank, about (e.g. 256MiB).
+        #[arg(long, value_parser = parse_size, default_value = "64MiB")]
+        size: u64,
+        /// Seed of the data (the same seed and size give the same files).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Write N ranks' files from this process (without a launcher).
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        ranks: usize,
     },
     /// Remove a committed or cancelled transfer's state (its id is never reused).
     Forget {
@@ -272,7 +332,10 @@ fn main() {
         _ => (false, false),
     };
     init_log(cli.verbose, quiet);
-    let collective = matches!(cli.cmd, Cmd::Copy { .. } | Cmd::Resume { .. });
+    let collective = matches!(
+        cli.cmd,
+        Cmd::Copy { .. } | Cmd::Resume { .. } | Cmd::Gen { .. }
+    );
     // The transfer a command names (a copy's is known once its plan is durable: ANNOUNCED).
     let named = match &cli.cmd {
         Cmd::Resume { id, .. }
@@ -280,7 +343,7 @@ fn main() {
         | Cmd::Verify { id, .. }
         | Cmd::Forget { id, .. } => Some(id.clone()),
         Cmd::Status { id, .. } => id.clone(),
-        Cmd::Copy { .. } | Cmd::List { .. } => None,
+        Cmd::Copy { .. } | Cmd::List { .. } | Cmd::Gen { .. } => None,
     };
 
     #[cfg(feature = "mpi")]
@@ -359,6 +422,17 @@ fn locate(id: &str, state_dir: Option<&std::path::Path>) -> ferry::Result<Transf
 }
 
 fn run(cli: Cli, launch: Launch) -> ferry::Result<i32> {
+    // Refused before anything is planned or written.
+    let needs_hdf5 = match &cli.cmd {
+        Cmd::Copy { verify_hdf5, .. } | Cmd::Resume { verify_hdf5, .. } => {
+            verify_hdf5.map(|_| "--verify-hdf5")
+        }
+        Cmd::Gen { .. } => Some("ferry gen"),
+        _ => None,
+    };
+    if let (Some(what), false) = (needs_hdf5, ferry::h5::AVAILABLE) {
+        return Err(ferry::h5::unavailable(what));
+    }
     match cli.cmd {
         Cmd::Copy {
             mut paths,
@@ -369,6 +443,7 @@ fn run(cli: Cli, launch: Launch) -> ferry::Result<i32> {
             threads,
             delete_source,
             verify,
+            verify_hdf5,
             skip_special,
             out,
         } => {
@@ -382,7 +457,11 @@ fn run(cli: Cli, launch: Launch) -> ferry::Result<i32> {
             opts.delete_source = delete_source;
             opts.verify = verify;
             opts.skip_special = skip_special;
-            let sum = run_ranks(&out, launch, |c, run| transfer::copy(c, &opts, run))?;
+            let sum = run_ranks(&out, launch, |c, run| {
+                let mut run = run.clone();
+                run.verify_hdf5 = verify_hdf5;
+                transfer::copy(c, &opts, &run)
+            })?;
             report(&sum, &out);
             Ok(0)
         }
@@ -391,15 +470,56 @@ fn run(cli: Cli, launch: Launch) -> ferry::Result<i32> {
             state_dir,
             threads,
             verify,
+            verify_hdf5,
             out,
         } => {
             let sum = run_ranks(&out, launch, |c, run| {
                 let mut run = run.clone();
                 run.threads = threads;
                 run.verify = verify;
+                run.verify_hdf5 = verify_hdf5;
                 transfer::resume(c, &id, state_dir.as_deref(), &run)
             })?;
             report(&sum, &out);
+            Ok(0)
+        }
+        Cmd::Gen {
+            dir,
+            size,
+            seed,
+            ranks,
+        } => {
+            let one = |c: &dyn Comm| -> ferry::Result<u64> {
+                let spec = ferry::h5::GenSpec {
+                    bytes: size,
+                    seed,
+                    rank: c.rank(),
+                };
+                let wrote = comm::agree(c, ferry::h5::generate(&dir, &spec))?;
+                c.allreduce_sum(wrote)
+            };
+            let total = match launch {
+                #[cfg(feature = "mpi")]
+                Launch::Mpi(c) if ranks == 1 => one(c),
+                #[cfg(feature = "mpi")]
+                Launch::Mpi(_) => Err(Error::usage(
+                    "--ranks writes ranks' files from one process; under a launcher each rank \
+                     writes its own",
+                )),
+                _ if ranks == 0 => Err(Error::usage("--ranks must be at least 1")),
+                _ if ranks == 1 => one(&SingleComm),
+                _ => comm::run_threads(ranks, |c| one(c))
+                    .into_iter()
+                    .next()
+                    .unwrap_or_else(|| Err(Error::internal("no ranks ran"))),
+            }?;
+            if comm::thread_rank().0 == 0 {
+                println!(
+                    "wrote {} in HDF5 and plain files under '{}'",
+                    ferry::size::human(total),
+                    dir.display()
+                );
+            }
             Ok(0)
         }
         Cmd::Status {

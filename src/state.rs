@@ -36,6 +36,8 @@ pub mod names {
     /// The last run stopped on purpose once every unit was durable, before the decision (the
     /// library API's dispatch); removed when the next run starts.
     pub const PREPARED: &str = "prepared";
+    /// `--verify-hdf5` was asked for (and how far): every run checks before the decision.
+    pub const VERIFY_HDF5: &str = "verify-hdf5";
     /// Sources removed after the commit (`--delete-source`).
     pub const SOURCES_REMOVED: &str = "sources-removed";
     /// The lock a live run holds (rank 0).

@@ -32,6 +32,7 @@ use crate::engine::{self, CopyJob, Progress};
 use crate::error::{Error, ErrorClass, IoContext, Result};
 use crate::failpoints;
 use crate::fsio;
+use crate::h5;
 use crate::journal::{self, Journal};
 use crate::manifest::{self, CommitRecord};
 use crate::plan::{self, Entry, Kind, Layout, Plan};
@@ -116,6 +117,9 @@ pub struct RunOptions {
     /// (state `prepared`); a later `resume` commits without copying. The library API's collective
     /// wait uses it: ranks commit only after all of them prepared.
     pub prepare_only: bool,
+    /// Open and read back every staged `.h5`/`.hdf5` file with libhdf5 before the decision
+    /// (`--verify-hdf5`); recorded, so a later resume checks too.
+    pub verify_hdf5: Option<crate::h5::Depth>,
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -949,6 +953,8 @@ fn run_phases(
     let pool = agree(comm, engine::pool(threads))?;
     let journal = agree(comm, Journal::create(td, known.attempt, me, crc))?;
     let verify = run.verify || plan.verify;
+    // Recorded before any data moves, so a resume of a run killed mid-copy checks too.
+    let hdf5 = hdf5_depth(comm, td, run.verify_hdf5)?;
 
     // Which journaled units are still durable where the journal says (each rank for the entries
     // it owns); void the records of temporary files that are gone before anything can make a
@@ -1100,6 +1106,21 @@ fn run_phases(
             .collect();
         let v = engine::verify_units(wp, &pool, &work.verify, &mine, stopper, run.retry);
         agree(comm, v)?;
+    }
+
+    // Optional HDF5 check of every staged .h5/.hdf5 file (each by the rank that owns it).
+    if !known.decided {
+        if let Some(depth) = hdf5 {
+            let checked = check_hdf5(wp, me, n, depth, stopper);
+            let files = agree(comm, checked)?;
+            let files = comm.allreduce_sum(files)?;
+            if me == 0 {
+                log::info!(
+                    "HDF5 check ({}): {files} file(s) open and read back",
+                    depth.name()
+                );
+            }
+        }
     }
 
     // Decision: every unit is durable under its temporary name.
@@ -1305,6 +1326,52 @@ fn cancel_offline(td: &TransferDir, req: &state::Cancelled) -> Result<CancelOutc
     }
     state::write_record(&td.file(names::CANCELLED), "cancelled", req)?;
     Ok(CancelOutcome::Cancelled)
+}
+
+/// Whether this run checks HDF5 files, and how far: asked for now (recorded, so a resume of
+/// the transfer checks too), or recorded by an earlier run. Rank 0 decides for all.
+fn hdf5_depth(
+    comm: &dyn Comm,
+    td: &TransferDir,
+    asked: Option<h5::Depth>,
+) -> Result<Option<h5::Depth>> {
+    let local = if comm.rank() == 0 {
+        (|| {
+            let path = td.file(names::VERIFY_HDF5);
+            let depth = match asked {
+                Some(d) => {
+                    if state::read_record::<h5::Depth>(&path, "verify-hdf5")? != Some(d) {
+                        state::write_record(&path, "verify-hdf5", &d)?;
+                    }
+                    Some(d)
+                }
+                None => state::read_record::<h5::Depth>(&path, "verify-hdf5")?,
+            };
+            if depth.is_some() && !h5::AVAILABLE {
+                return Err(h5::unavailable("this transfer's --verify-hdf5"));
+            }
+            encode(&depth)
+        })()
+    } else {
+        Ok(Vec::new())
+    };
+    let bytes = comm.broadcast(0, &agree(comm, local)?)?;
+    decode(&bytes)
+}
+
+/// Open and read back every staged HDF5 file this rank owns; how many.
+fn check_hdf5(wp: &Plan, me: usize, n: usize, depth: h5::Depth, stopper: &Stopper) -> Result<u64> {
+    let mut files = 0;
+    for e in wp.held_entries() {
+        let ent = wp.entry(e);
+        if ent.kind != Kind::File || wp.owner(e, n) != me || !h5::is_hdf5_name(&ent.dst) {
+            continue;
+        }
+        stopper.check_now()?;
+        h5::validate_staged(&engine::temp_path(wp, e), &ent.dst, &ent.src, depth)?;
+        files += 1;
+    }
+    Ok(files)
 }
 
 /// `ferry verify`: re-read a committed destination and compare with its manifest.

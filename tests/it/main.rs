@@ -10,6 +10,8 @@ mod copy;
 #[cfg(feature = "failpoints")]
 mod corruption;
 mod faults;
+#[cfg(feature = "hdf5")]
+mod hdf5;
 mod kill;
 mod layouts;
 #[cfg(feature = "failpoints")]

@@ -77,8 +77,9 @@ class Ferry(CargoPackage):
         out = self._ferry()("--version", output=str, error=str)
         assert re.match(r"ferry \d+\.\d+\.\d+", out), f"unexpected --version output: {out!r}"
         # The binary says which optional parts it was built with: they must match the variants.
-        want = "+mpi" if self.spec.satisfies("+mpi") else "~mpi"
-        assert want in out, f"built {self.spec.format('{variants}')}, ferry says {out!r}"
+        for name in ("mpi", "hdf5"):
+            want = f"+{name}" if self.spec.satisfies(f"+{name}") else f"~{name}"
+            assert want in out, f"built {self.spec.format('{variants}')}, ferry says {out!r}"
         if re.fullmatch(r"[\d.]+", str(self.spec.version)):  # a release, not @main
             assert str(self.spec.version) in out
 
