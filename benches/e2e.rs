@@ -3,7 +3,8 @@
 //!
 //! Datasets (built once in the scratch directory): large (4 × 1 GiB of random bytes), small
 //! (20,000 × 64 KiB in 100 directories), checkpoint (8 rank directories, each 1 × 256 MiB +
-//! 200 × 16 KiB). Tools: ferry with 1, 2 and 4 ranks (in one process, `--ranks N`), ferry under
+//! 200 × 16 KiB), and with the `hdf5` feature hdf5 (8 ranks' `ferry gen` checkpoints of 256 MiB
+//! each: HDF5 files with large and small datasets, plain files beside). Tools: ferry with 1, 2 and 4 ranks (in one process, `--ranks N`), ferry under
 //! `mpirun -n 4`, cp, rsync, and the limit (copy_file_range of every file by 4 threads, then one
 //! syncfs: the fastest plain durable copy found on this machine). Every round runs every tool on
 //! every dataset, warm (sources in the page cache) and cold (caches dropped before each run);
@@ -13,7 +14,7 @@
 //!
 //! Knobs (environment): FERRY_BENCH_DIR (scratch, default target/bench), FERRY_BENCH_ROUNDS (3),
 //! FERRY_BENCH_SCALE (1.0: dataset sizes are multiplied by it), FERRY_BENCH_CACHES (warm,cold),
-//! FERRY_BENCH_SETS (large,small,checkpoint), FERRY_BENCH_OUT (the table, default
+//! FERRY_BENCH_SETS (large,small,checkpoint,hdf5), FERRY_BENCH_OUT (the table, default
 //! target/bench/results.md).
 
 use std::collections::BTreeMap;
@@ -113,6 +114,19 @@ fn datasets(root: &Path, scale: f64) -> Vec<Dataset> {
                     2000 + r * 1000 + i,
                 );
             }
+        }
+    }));
+    // With the `hdf5` feature (make bench turns it on): 8 ranks' HDF5 checkpoints as `ferry gen`
+    // writes them (three large arrays, 48 small datasets, attributes, plain files beside).
+    #[cfg(feature = "hdf5")]
+    out.push(mk("hdf5", &|d| {
+        for rank in 0..8 {
+            let spec = ferry::h5::GenSpec {
+                bytes: scaled(256 * MIB, scale),
+                seed: 77,
+                rank,
+            };
+            ferry::h5::generate(d, &spec).unwrap();
         }
     }));
     out
@@ -289,7 +303,10 @@ fn main() {
     let ferry = ferry_bin();
     let home = root.join("home");
     let dst = root.join("out");
-    let only: String = env_or("FERRY_BENCH_SETS", "large,small,checkpoint".to_string());
+    let only: String = env_or(
+        "FERRY_BENCH_SETS",
+        "large,small,checkpoint,hdf5".to_string(),
+    );
     let mut sets = datasets(&root.join("data"), scale);
     sets.retain(|s| only.split(',').any(|o| o == s.name));
     let mpi = Command::new("mpirun").arg("--version").output().is_ok();
@@ -393,7 +410,10 @@ fn resume_cost(ferry: &Path, sets: &[Dataset], root: &Path, home: &Path) -> Stri
          | dataset | full run s | killed at | resume s | resume / full |\n|---|---|---|---|---|\n",
     );
     let dst = root.join("out");
-    for set in sets.iter().filter(|s| s.name != "checkpoint") {
+    for set in sets
+        .iter()
+        .filter(|s| s.name != "checkpoint" && s.name != "hdf5")
+    {
         let _ = fs::remove_dir_all(&dst);
         read_tree(&set.dir);
         sync_all();

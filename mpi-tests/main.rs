@@ -600,3 +600,32 @@ fn under_srun_the_same_binary_copies_and_a_dead_rank_ends_the_step() {
     expect_code(&o, 0);
     assert_same_tree(&src, &s.path("dst"));
 }
+
+/// `mpirun -n 3 ferry gen`: each rank writes its own HDF5 checkpoint; the verified copy of them
+/// on 2 ranks commits.
+#[cfg(feature = "hdf5")]
+#[test]
+fn under_mpirun_each_rank_generates_its_own_checkpoint_and_a_verified_copy_commits() {
+    let s = Scratch::new();
+    let o = run(
+        &s,
+        3,
+        &["gen", "ckpt", "--size", "3MiB", "--seed", "4"],
+        None,
+    );
+    expect_code(&o, 0);
+    for r in 0..3 {
+        let h5 = s.path(&format!("ckpt/rank{r}/ckpt.h5"));
+        let w = ferry::h5::check_file(&h5, ferry::h5::Depth::Data).unwrap();
+        assert_eq!(w.datasets, 51, "rank {r}");
+    }
+    assert!(!s.path("ckpt/rank3").exists());
+    let o = run(&s, 2, &["copy", "--verify-hdf5", "-v", "ckpt", "out"], None);
+    expect_code(&o, 0);
+    assert!(
+        stderr(&o).contains("HDF5 check (data): 3 file(s)"),
+        "{}",
+        stderr(&o)
+    );
+    assert_same_tree(&s.path("ckpt"), &s.path("out"));
+}
