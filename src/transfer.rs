@@ -1034,6 +1034,18 @@ fn run_phases(
     }
     let wp: &Plan = if me == 0 { plan } else { &*slice };
 
+    // A directory inside the destination tree that is a symbolic link (planted there, or left
+    // by someone) would carry every write below it outside the tree: refused before anything
+    // is written (rank 0 holds the whole plan).
+    agree(
+        comm,
+        if me == 0 {
+            refuse_linked_dirs(plan)
+        } else {
+            Ok(())
+        },
+    )?;
+
     // Directories: each rank makes the ones it owns, then the parents of its units' files.
     // (All made first, then one fsync per parent directory.)
     let dirs = {
@@ -1326,6 +1338,37 @@ fn cancel_offline(td: &TransferDir, req: &state::Cancelled) -> Result<CancelOutc
     }
     state::write_record(&td.file(names::CANCELLED), "cancelled", req)?;
     Ok(CancelOutcome::Cancelled)
+}
+
+/// A `permission` error if a directory of the destination tree below its root (a planned
+/// directory whose parent is planned too) exists as a symbolic link. The root itself is the
+/// user's choice and may be reached through links.
+fn refuse_linked_dirs(plan: &Plan) -> Result<()> {
+    let dirs: std::collections::HashSet<&Path> = plan
+        .entries
+        .iter()
+        .filter(|e| e.kind == Kind::Dir)
+        .map(|e| e.dst.as_path())
+        .collect();
+    for e in plan.entries.iter().filter(|e| e.kind == Kind::Dir) {
+        let inside = e.dst.parent().is_some_and(|p| dirs.contains(p));
+        let linked = std::fs::symlink_metadata(&e.dst).is_ok_and(|m| m.file_type().is_symlink());
+        if inside && linked {
+            let to = std::fs::read_link(&e.dst)
+                .map(|t| t.display().to_string())
+                .unwrap_or_default();
+            return Err(Error::new(
+                ErrorClass::Permission,
+                format!(
+                    "this directory of the destination tree is a symbolic link (to '{to}'); \
+                     ferry never writes through one: remove it, or copy to another place"
+                ),
+            )
+            .with_path(&e.dst)
+            .with_op("lstat"));
+        }
+    }
+    Ok(())
 }
 
 /// Whether this run checks HDF5 files, and how far: asked for now (recorded, so a resume of

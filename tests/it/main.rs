@@ -16,6 +16,7 @@ mod kill;
 mod layouts;
 #[cfg(feature = "failpoints")]
 mod lifecycle;
+mod security;
 #[cfg(feature = "failpoints")]
 mod signals;
 mod xfer;
