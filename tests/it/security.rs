@@ -2,7 +2,7 @@
 //! write lands outside the destination tree, checked with canaries outside it.
 
 use std::fs;
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::fs::symlink;
 use std::path::Path;
 
 use crate::util::*;
@@ -71,6 +71,7 @@ fn a_file_symlink_planted_at_a_final_name_is_replaced_never_written_through() {
 #[cfg(feature = "failpoints")]
 #[test]
 fn temporaries_are_private_while_in_flight_and_get_their_mode_at_the_commit() {
+    use std::os::unix::fs::PermissionsExt;
     let s = Scratch::new();
     tree(&s);
     fs::set_permissions(s.path("src/sub/b.dat"), fs::Permissions::from_mode(0o644)).unwrap();
