@@ -150,6 +150,7 @@ fn misuse_returns_the_failure_code_with_a_message_and_crashes_nothing() {
         "AXL_Add(id 0): source is NULL",
         "AXL_Wait(id 0): it was not dispatched",
         "AXL_Add(id 0): files can be added only before Dispatch",
+        "was added already",
         "is of a transfer of type 2 (SYNC), not 7 (PTHREAD)",
         "corrupt.state' is unusable",
         "shorter than a KVTree header",

@@ -302,7 +302,8 @@ impl Xfer {
 
     /// Release the transfer: its state directory (and companion file) is removed. A transfer
     /// that is still copying is refused (wait for it or cancel it first); one that failed or was
-    /// interrupted is cancelled first, so its temporary files do not stay in the destination.
+    /// interrupted is cancelled first, so its temporary files do not stay in the destination —
+    /// unless it had already decided to commit, then its commit is finished first.
     /// Committed files and sources are never touched.
     pub fn free(&mut self) -> Result<()> {
         if self.running() {
@@ -377,7 +378,12 @@ fn release(td: &TransferDir, companion: Option<&Path>) -> Result<()> {
             )));
         }
         let planned = td.file(state::names::PLAN).exists();
-        if planned && !matches!(st.state, State::Committed | State::Cancelled) {
+        if td.file(state::names::DECISION).exists() && st.state != State::Committed {
+            // Past its decision a transfer can no longer be cancelled (some files may be at
+            // their final names): finish the commit instead.
+            let dir = parent_of(td);
+            transfer::resume(&SingleComm, &td.id, Some(&dir), &RunOptions::default())?;
+        } else if planned && !matches!(st.state, State::Committed | State::Cancelled) {
             transfer::cancel(td, std::time::Duration::from_secs(30))?;
         }
         std::fs::remove_dir_all(&td.path).ctx("remove-dir", &td.path)?;
@@ -434,15 +440,25 @@ pub fn stop_orphans() -> Result<usize> {
         if !owner.is_orphan_of_this_program() {
             continue;
         }
+        // Claim the record first: the ranks of a restarted job on one node all see it, and
+        // only one of them may release the transfer.
+        let claimed = owners::claimed_name(&entry);
+        if std::fs::rename(&entry, &claimed).is_err() {
+            continue;
+        }
         let td = TransferDir::new(crate::fsio::parent_of(&owner.state), &owner.id);
         match release(&td, owner.companion.as_deref()) {
-            Ok(()) => stopped += 1,
+            Ok(()) => {
+                stopped += 1;
+                let _ = std::fs::remove_file(&claimed);
+            }
             Err(e) => {
                 log::warn!("stop: transfer {}: {e}", td.id);
                 first_err.get_or_insert(e);
+                // Kept for a later stop (its temporaries are still in the destination).
+                let _ = std::fs::rename(&claimed, &entry);
             }
         }
-        let _ = std::fs::remove_file(entry);
     }
     match first_err {
         Some(e) => Err(e),
@@ -509,6 +525,13 @@ mod owners {
         {
             log::debug!("transfer {}: no owner record ({e})", td.id);
         }
+    }
+
+    /// The name of a record while one process releases its transfer.
+    pub fn claimed_name(entry: &Path) -> PathBuf {
+        let mut n = entry.as_os_str().to_os_string();
+        n.push(format!(".claimed-{}", std::process::id()));
+        PathBuf::from(n)
     }
 
     pub fn forget(td: &TransferDir) {

@@ -68,6 +68,9 @@ fn all(call: &str, ok: bool, comm: ffi::MPI_Comm) -> bool {
         let rc = unsafe { ffi::MPI_Test(&mut req, &mut done, ffi::RSMPI_STATUS_IGNORE) };
         if rc != 0 {
             complain(call, format!("MPI_Test failed ({rc})"));
+            // The request may still write into `recv`: complete it before the buffers go.
+            // SAFETY: the request started above; status ignored.
+            unsafe { ffi::MPI_Wait(&mut req, ffi::RSMPI_STATUS_IGNORE) };
             return false;
         }
         if done != 0 {
@@ -92,10 +95,15 @@ fn comm_rc(call: &str, rc: c_int, comm: ffi::MPI_Comm) -> c_int {
 #[no_mangle]
 pub extern "C" fn AXL_Init_comm(comm: ffi::MPI_Comm) -> c_int {
     let rc = axl::AXL_Init();
-    let mut rank: c_int = -1;
-    // SAFETY: MPI_Comm_rank of the caller's communicator into a local int.
-    if unsafe { ffi::MPI_Comm_rank(comm, &mut rank) } == 0 {
-        axl::set_rank(rank);
+    let (mut init, mut fin, mut rank): (c_int, c_int, c_int) = (0, 0, -1);
+    // SAFETY: MPI_Initialized/MPI_Finalized may be called at any time; MPI_Comm_rank of the
+    // caller's communicator into a local int, only while MPI is up.
+    unsafe {
+        ffi::MPI_Initialized(&mut init);
+        ffi::MPI_Finalized(&mut fin);
+        if init != 0 && fin == 0 && ffi::MPI_Comm_rank(comm, &mut rank) == 0 {
+            axl::set_rank(rank);
+        }
     }
     comm_rc("AXL_Init_comm", rc, comm)
 }

@@ -164,6 +164,9 @@ struct Handle {
     xfer: Xfer,
     /// Dispatch failed: Test reports done, Wait fails.
     dispatch_failed: bool,
+    /// Dispatched with no file (a rank without files in a collective flush, as SCR does): done
+    /// at once, and Wait succeeds.
+    nothing: bool,
 }
 
 struct Table {
@@ -567,6 +570,7 @@ fn create(xtype: i32, name: Vec<u8>, state_file: Option<PathBuf>) -> Result<i32,
         files: Vec::new(),
         xfer,
         dispatch_failed: false,
+        nothing: false,
     };
     if !h.save("AXL_Create") {
         return Err("no transfer was created".into());
@@ -578,6 +582,9 @@ fn create(xtype: i32, name: Vec<u8>, state_file: Option<PathBuf>) -> Result<i32,
 
 /// A journal directory that no state file refers to any more: removed, unless a run holds it.
 fn remove_stale(td: &TransferDir) -> Result<(), String> {
+    if !td.path.exists() {
+        return Ok(());
+    }
     if let Some(who) = ferry::state::live_holder(td) {
         return Err(format!(
             "'{}' is in use by {who}: another process runs a transfer with this state file",
@@ -633,17 +640,13 @@ fn reload(xtype: i32, name: Vec<u8>, f: &Path) -> Result<i32, String> {
     }
     let id = next_id();
     // Where ferry's journal is: recorded, or (a state file written by AXL itself) beside it.
-    let td = match t.get("FERRY_STATE") {
-        Some(p) => {
-            let p = PathBuf::from(OsStr::from_bytes(p));
-            let id = p
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            TransferDir::new(ferry::fsio::parent_of(&p), &id)
-        }
-        None => ferry_dir(Some(f), id),
-    };
+    // ferry's journal is always the one beside this state file (the recorded FERRY_STATE is
+    // informative only: a state file someone else can write must not point ferry at another
+    // directory to open or remove), and it must be this user's private directory.
+    let td = ferry_dir(Some(f), id);
+    if td.path.exists() {
+        check_private(ferry::fsio::parent_of(&td.path), rustix_uid()).map_err(|e| e.to_string())?;
+    }
     let planned = td.file(ferry::state::names::PLAN).exists();
     let (phase, xfer) = match state {
         axl_state::COMPLETED => {
@@ -683,6 +686,7 @@ fn reload(xtype: i32, name: Vec<u8>, f: &Path) -> Result<i32, String> {
         files,
         xfer,
         dispatch_failed: false,
+        nothing: false,
     };
     debug(1, || {
         format!(
@@ -803,11 +807,18 @@ fn add(h: &mut Handle, src: PathBuf, dst: PathBuf) -> c_int {
         _ => dst,
     };
     let (src, dst) = (absolute(&src), absolute(&dst));
+    if h.files.iter().any(|f| f.src == src) {
+        complain(
+            CALL,
+            Some(h.id),
+            format!("'{}' was added already (once per transfer)", src.display()),
+        );
+        return FAILURE;
+    }
     if let Err(e) = h.xfer.add(&src, &dst) {
         complain(CALL, Some(h.id), e);
         return FAILURE;
     }
-    h.files.retain(|f| f.src != src);
     h.files.push(File {
         src,
         dst,
@@ -846,7 +857,11 @@ fn dispatch(h: &mut Handle, resume: bool) -> c_int {
         (Phase::Reloaded, true) => {}
         (Phase::Completed(ok), true) => return if ok { SUCCESS } else { FAILURE },
         (Phase::Canceled, true) => {
-            // A cancelled transfer starts over (its temporaries were removed).
+            // A cancelled transfer starts over (its temporaries were removed); without a state
+            // file its old journal goes first (with one, the new journal takes its place).
+            if h.state_file.is_none() {
+                let _ = h.xfer.free();
+            }
             let td = ferry_dir(h.state_file.as_deref(), h.id);
             let fresh = remove_stale(&td).and_then(|_| {
                 new_xfer(&td, &h.files, h.state_file.as_deref()).map_err(|e| e.to_string())
@@ -872,8 +887,10 @@ fn dispatch(h: &mut Handle, resume: bool) -> c_int {
         }
     }
     if h.files.is_empty() {
-        complain(call, Some(h.id), "nothing was added to this transfer");
-        return FAILURE;
+        // As in AXL: an empty transfer dispatches, is done at once and waits successfully.
+        h.phase = Phase::Dispatched;
+        h.nothing = true;
+        return if h.save(call) { SUCCESS } else { FAILURE };
     }
     for f in &mut h.files {
         if let Ok(m) = std::fs::symlink_metadata(&f.src) {
@@ -927,7 +944,7 @@ pub extern "C" fn AXL_Test(id: c_int) -> c_int {
 /// [`AXL_Test`] of a locked handle; `loud`: complain about misuse.
 fn test(h: &mut Handle, loud: bool) -> c_int {
     match h.phase {
-        Phase::Dispatched if h.dispatch_failed || h.xfer.test().done => SUCCESS,
+        Phase::Dispatched if h.dispatch_failed || h.nothing || h.xfer.test().done => SUCCESS,
         Phase::Dispatched => FAILURE,
         Phase::Completed(_) | Phase::Canceled => SUCCESS,
         Phase::Created | Phase::Reloaded => {
@@ -972,6 +989,7 @@ fn prepared(h: &mut Handle) -> c_int {
     const CALL: &str = "AXL_Wait";
     match h.phase {
         Phase::Dispatched if h.dispatch_failed => FAILURE,
+        Phase::Dispatched if h.nothing => SUCCESS,
         Phase::Dispatched => match h.xfer.wait_prepared() {
             Ok(_) => SUCCESS,
             Err(e) => {
@@ -1023,13 +1041,14 @@ fn finish(h: &mut Handle, all_ok: bool, call: &str) -> c_int {
         _ => return FAILURE,
     }
     let ok = all_ok
-        && match h.xfer.wait() {
-            Ok(_) => copy_owners(h, call),
-            Err(e) => {
-                complain(call, Some(h.id), plain(e));
-                false
-            }
-        };
+        && (h.nothing
+            || match h.xfer.wait() {
+                Ok(_) => copy_owners(h, call),
+                Err(e) => {
+                    complain(call, Some(h.id), plain(e));
+                    false
+                }
+            });
     h.phase = Phase::Completed(ok);
     h.save(call);
     debug(1, || {
@@ -1103,7 +1122,7 @@ fn cancel(h: &mut Handle) -> c_int {
             return FAILURE;
         }
     }
-    if h.phase == Phase::Dispatched && h.dispatch_failed {
+    if h.phase == Phase::Dispatched && (h.dispatch_failed || h.nothing) {
         h.phase = Phase::Canceled;
         h.save(CALL);
         return SUCCESS;

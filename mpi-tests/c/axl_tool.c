@@ -145,8 +145,8 @@ static int misuse(const char* dir)
     EXPECT(AXL_Wait(id), -1);            /* before Dispatch */
     EXPECT(AXL_Test(id), -1);            /* before Dispatch */
     EXPECT(AXL_Cancel(id), -1);          /* nothing dispatched */
-    EXPECT(AXL_Dispatch(id), -1);        /* nothing added */
     EXPECT(AXL_Add(id, src, dst), AXL_SUCCESS);
+    EXPECT(AXL_Add(id, src, other), -1); /* the same source twice */
 
     /* The state file of a SYNC transfer, opened as another type: refused, left as it is. */
     EXPECT(AXL_Create(AXL_XFER_PTHREAD, "x", state), -1);
@@ -168,6 +168,14 @@ static int misuse(const char* dir)
     EXPECT(AXL_Create(AXL_XFER_STATE_FILE, "x", corrupt), -1);
     write_file(corrupt, "", 0);
     EXPECT(AXL_Create(AXL_XFER_STATE_FILE, "x", corrupt), -1);
+
+    /* An empty transfer (a rank without files in a collective flush): as in AXL, it
+     * dispatches, is done at once, waits successfully and frees. */
+    int empty = AXL_Create(AXL_XFER_PTHREAD, "empty", NULL);
+    EXPECT(AXL_Dispatch(empty), AXL_SUCCESS);
+    EXPECT(AXL_Test(empty), AXL_SUCCESS);
+    EXPECT(AXL_Wait(empty), AXL_SUCCESS);
+    EXPECT(AXL_Free(empty), AXL_SUCCESS);
 
     /* AXL_Config with an unknown key needs a kvtree; with NULL and no KVTree loaded: NULL. */
     EXPECT(AXL_Config(NULL) == NULL, 1);
