@@ -88,23 +88,6 @@ fn ok(o: &Output) {
     );
 }
 
-/// Regular files (not directories) under `dir`.
-fn files_in(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for e in rd.flatten() {
-            if e.file_type().unwrap().is_dir() {
-                stack.push(e.path());
-            } else {
-                out.push(e.path());
-            }
-        }
-    }
-    out
-}
-
 fn tree(s: &Scratch, name: &str, files: u64, size: u64) -> PathBuf {
     let src = s.path(name);
     let mut r = Rng::new(8);
@@ -132,7 +115,7 @@ fn a_serial_flush_of_a_tree_commits_with_every_transfer_type() {
         assert_same_tree(&src, &dst);
         assert!(temps_in(&dst).is_empty(), "{t}");
         // Free removed ferry's journal of a transfer without a state file.
-        assert!(files_in(&s.path("axl-state")).is_empty(), "{t}");
+        assert!(files_under(&s.path("axl-state")).is_empty(), "{t}");
     }
 }
 
@@ -183,11 +166,11 @@ fn cancel_then_free_leaves_no_file_in_the_destination() {
     let o = piped(&mut tool(&s, &["cancel", "cache", "pfs"]));
     ok(&o);
     assert!(
-        files_in(&s.path("pfs")).is_empty(),
+        files_under(&s.path("pfs")).is_empty(),
         "{:?}",
-        files_in(&s.path("pfs"))
+        files_under(&s.path("pfs"))
     );
-    assert_eq!(files_in(&s.path("cache")).len(), 12, "sources untouched");
+    assert_eq!(files_under(&s.path("cache")).len(), 12, "sources untouched");
 }
 
 /// `axl_tool flush STATE cache pfs`, each unit slowed down, SIGKILLed once some units are
@@ -224,7 +207,7 @@ fn a_flush_killed_mid_way_is_resumed_from_its_state_file_to_identical_files() {
     let (src, state) = killed_flush(&s);
     let dst = s.path("pfs");
     assert!(
-        files_in(&dst).iter().all(|p| temps_in(&dst).contains(p)),
+        files_under(&dst).iter().all(|p| temps_in(&dst).contains(p)),
         "no final file before the commit"
     );
     // Someone else's file now sits at a final name (AXL would append to it and succeed).
@@ -249,29 +232,25 @@ fn stop_after_a_restart_cancels_and_frees_what_the_killed_run_left() {
     // The same program, restarted in the same place: AXL_Stop cleans the plate.
     let o = piped(&mut tool(&s, &["stop"]));
     ok(&o);
-    assert!(files_in(&dst).is_empty(), "{:?}", files_in(&dst));
+    assert!(files_under(&dst).is_empty(), "{:?}", files_under(&dst));
     assert!(!state.exists());
     assert!(!s.path(".pfs.state.ferry").exists());
-    assert_eq!(files_in(&src).len(), 6, "sources untouched");
+    assert_eq!(files_under(&src).len(), 6, "sources untouched");
     // Nothing left to stop.
     ok(&piped(&mut tool(&s, &["stop"])));
 }
 
-fn scr_flush(s: &Scratch, n: usize, broken: Option<usize>) -> Output {
-    let mut c = Command::new("mpirun");
-    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_btl_base_warn_component_unused", "0")
-        .env("FERRY_HOME", s.home())
-        .env("FERRY_AXL_STATE_DIR", s.path("axl-state"))
-        .env("FERRY_TEST_TAG", s.dir.path())
-        .env_remove("FERRY_FAILPOINTS")
-        .current_dir(s.dir.path())
-        .stdin(Stdio::null())
-        .args(["--oversubscribe", "--bind-to", "none", "-n", &n.to_string()])
-        .arg(&programs().scr_flush)
+/// `mpirun -n N scr_flush-like EXE CACHE PFS FILES MIB` in the scratch.
+fn flush_cmd(s: &Scratch, exe: &Path, n: usize, files: u32, mib: u32) -> Command {
+    let mut c = mpirun_exe(s, n, exe);
+    c.env("FERRY_AXL_STATE_DIR", s.path("axl-state"))
         .args([s.path("cache"), s.path("pfs")])
-        .args(["3", "4"]);
+        .args([files.to_string(), mib.to_string()]);
+    c
+}
+
+fn scr_flush(s: &Scratch, n: usize, broken: Option<usize>) -> Output {
+    let mut c = flush_cmd(s, &programs().scr_flush, n, 3, 4);
     if let Some(r) = broken {
         c.env("SCR_FLUSH_BREAK_RANK", r.to_string());
     }
@@ -308,31 +287,26 @@ fn an_mpi_flush_commits_on_every_rank_only_after_all_succeeded() {
         stderr(&o)
     );
     assert!(
-        files_in(&s.path("pfs")).is_empty(),
+        files_under(&s.path("pfs")).is_empty(),
         "{:?}",
-        files_in(&s.path("pfs"))
+        files_under(&s.path("pfs"))
     );
-    assert!(files_in(&s.path("axl-state")).is_empty(), "Free cleaned up");
+    assert!(
+        files_under(&s.path("axl-state")).is_empty(),
+        "Free cleaned up"
+    );
 }
 
 /// `scr_flush` under `mpirun -n 2` in a scratch of its own (2 files of 1 MiB per rank), with
 /// `ld_path` first on LD_LIBRARY_PATH; a success is checked for its checkpoint.
 fn flush_2(exe: &Path, ld_path: Option<&Path>) -> Output {
     let run = Scratch::new();
-    let mut c = Command::new("mpirun");
-    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("FERRY_HOME", run.home())
-        .env("FERRY_AXL_STATE_DIR", run.path("axl-state"))
-        .args(["--oversubscribe", "-n", "2"]);
+    let mut c = flush_cmd(&run, exe, 2, 2, 1);
     // (cargo runs tests with its target directory, which holds ferry's libaxl*, on it)
     match ld_path {
         Some(p) => c.env("LD_LIBRARY_PATH", p),
         None => c.env_remove("LD_LIBRARY_PATH"),
     };
-    c.arg(exe)
-        .args([run.path("cache"), run.path("pfs")])
-        .args(["2", "1"]);
     let o = piped(&mut c);
     if o.status.success() {
         for r in 0..2 {

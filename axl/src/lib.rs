@@ -327,7 +327,7 @@ fn ferry_dir(state_file: Option<&Path>, id: i32) -> TransferDir {
             let dir = std::env::var_os("FERRY_AXL_STATE_DIR")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| {
-                    let uid = rustix_uid();
+                    let uid = my_uid();
                     std::env::temp_dir().join(format!("ferry-axl-{uid}"))
                 });
             let nanos = std::time::SystemTime::now()
@@ -340,7 +340,7 @@ fn ferry_dir(state_file: Option<&Path>, id: i32) -> TransferDir {
     }
 }
 
-fn rustix_uid() -> u32 {
+fn my_uid() -> u32 {
     // SAFETY: getuid(2) cannot fail.
     unsafe { libc::getuid() }
 }
@@ -353,7 +353,7 @@ fn absolute(p: &Path) -> PathBuf {
 fn new_xfer(td: &TransferDir, files: &[File], state_file: Option<&Path>) -> ferry::Result<Xfer> {
     let dir = ferry::fsio::parent_of(&td.path);
     ferry::state::create_private_dir(dir)?;
-    check_private(dir, rustix_uid())?;
+    check_private(dir, my_uid())?;
     let mut x = Xfer::create(&td.id, ferry::fsio::parent_of(&td.path))?;
     for f in files {
         x.add(&f.src, &f.dst)?;
@@ -645,7 +645,7 @@ fn reload(xtype: i32, name: Vec<u8>, f: &Path) -> Result<i32, String> {
     // directory to open or remove), and it must be this user's private directory.
     let td = ferry_dir(Some(f), id);
     if td.path.exists() {
-        check_private(ferry::fsio::parent_of(&td.path), rustix_uid()).map_err(|e| e.to_string())?;
+        check_private(ferry::fsio::parent_of(&td.path), my_uid()).map_err(|e| e.to_string())?;
     }
     let planned = td.file(ferry::state::names::PLAN).exists();
     let (phase, xfer) = match state {
@@ -1230,7 +1230,7 @@ mod tests {
         let d = std::env::temp_dir().join(format!("ferry-axl-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         ferry::state::create_private_dir(&d).unwrap();
-        let me = rustix_uid();
+        let me = my_uid();
         check_private(&d, me).unwrap();
         // Someone else's (as another uid sees it).
         let err = check_private(&d, me + 1).unwrap_err();

@@ -32,23 +32,16 @@ fn flip_byte(p: &Path, at: usize) {
 
 /// Regular files at final names under `dir` (temporaries and state excluded).
 fn finals(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for e in rd.flatten() {
-            let n = e.file_name();
-            if n == ".ferry" || n.to_string_lossy().starts_with(".ferry-") {
-                continue;
-            }
-            if e.file_type().unwrap().is_dir() {
-                stack.push(e.path());
-            } else {
-                out.push(e.path());
-            }
-        }
-    }
-    out
+    files_under(dir)
+        .into_iter()
+        .filter(|p| {
+            let inside = p.strip_prefix(dir).unwrap_or(p);
+            !inside.components().any(|c| {
+                let n = c.as_os_str().to_string_lossy();
+                n == ".ferry" || n.starts_with(".ferry-")
+            })
+        })
+        .collect()
 }
 
 #[test]

@@ -291,6 +291,12 @@ impl Scratch {
 /// `mpirun -n N ferry` for this scratch: Open MPI's run-as-root variables and
 /// `--oversubscribe`, which the project sets so a user never has to, and the scratch's registry.
 pub fn mpirun_ferry(s: &Scratch, n: usize) -> Command {
+    mpirun_exe(s, n, Path::new(env!("CARGO_BIN_EXE_ferry")))
+}
+
+/// `mpirun -n N EXE` for this scratch, set up as [`mpirun_ferry`] (EXE: ferry, or a C program
+/// built against ferry's libraries).
+pub fn mpirun_exe(s: &Scratch, n: usize, exe: &Path) -> Command {
     let mut c = Command::new("mpirun");
     c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
@@ -302,7 +308,7 @@ pub fn mpirun_ferry(s: &Scratch, n: usize) -> Command {
         .current_dir(s.dir.path())
         .stdin(Stdio::null())
         .args(["--oversubscribe", "--bind-to", "none", "-n", &n.to_string()])
-        .arg(env!("CARGO_BIN_EXE_ferry"));
+        .arg(exe);
     c
 }
 
@@ -416,18 +422,27 @@ pub fn assert_no_torn_finals(src: &Path, dst: &Path) {
 
 /// Temporary files ferry left in a tree.
 pub fn temps_in(dst: &Path) -> Vec<PathBuf> {
+    files_under(dst)
+        .into_iter()
+        .filter(|p| {
+            let n = p.file_name().unwrap_or_default().as_bytes();
+            n.starts_with(b".ferry-") && n.ends_with(b".tmp")
+        })
+        .collect()
+}
+
+/// Every non-directory under `dir`, at any depth (none if `dir` does not exist).
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    let mut stack = vec![dst.to_path_buf()];
+    let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         let Ok(rd) = fs::read_dir(&d) else { continue };
         for e in rd {
             let e = e.unwrap();
-            let p = e.path();
-            let n = e.file_name();
             if e.file_type().unwrap().is_dir() {
-                stack.push(p);
-            } else if n.as_bytes().starts_with(b".ferry-") && n.as_bytes().ends_with(b".tmp") {
-                out.push(p);
+                stack.push(e.path());
+            } else {
+                out.push(e.path());
             }
         }
     }
