@@ -443,7 +443,7 @@ pub fn stop_orphans() -> Result<usize> {
         // Claim the record first: the ranks of a restarted job on one node all see it, and
         // only one of them may release the transfer.
         let claimed = owners::claimed_name(&entry);
-        if std::fs::rename(&entry, &claimed).is_err() {
+        if crate::fsio::rename(&entry, &claimed).is_err() {
             continue;
         }
         let td = TransferDir::new(crate::fsio::parent_of(&owner.state), &owner.id);
@@ -456,7 +456,7 @@ pub fn stop_orphans() -> Result<usize> {
                 log::warn!("stop: transfer {}: {e}", td.id);
                 first_err.get_or_insert(e);
                 // Kept for a later stop (its temporaries are still in the destination).
-                let _ = std::fs::rename(&claimed, &entry);
+                let _ = crate::fsio::rename(&claimed, &entry);
             }
         }
     }
