@@ -18,6 +18,8 @@ pub fn entries(n: usize) -> Vec<Entry> {
         target: None,
         holder: None,
         ino: 0,
+        depth: rel.matches('/').count() as u16 + 1,
+        in_dest: false,
     };
     for i in 0..n {
         if i % 1000 == 0 {
@@ -54,6 +56,7 @@ pub fn plan(entries: Vec<Entry>, ranks: usize) -> Plan {
         dest: "/burst-buffer/job-1234567/checkpoint".into(),
         delete_source: false,
         verify: false,
+        preserve: false,
         threads: 4,
         entries,
         units,

@@ -293,7 +293,8 @@ fn an_mpi_flush_commits_on_every_rank_only_after_all_succeeded() {
     );
     assert!(
         files_under(&s.path("axl-state")).is_empty(),
-        "Free cleaned up"
+        "Free cleaned up: {:?}",
+        files_under(&s.path("axl-state"))
     );
 }
 

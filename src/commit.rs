@@ -10,17 +10,16 @@
 //! their modes and times deepest first, once their contents are in place. The commit record,
 //! with the manifest, is written by rank 0 alone. Removal of sources happens only after it.
 
-use std::collections::{BTreeSet, HashMap};
-use std::fs;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::failpoints;
 use crate::fsio;
 use crate::manifest::{self, CommitRecord};
-use crate::plan::{Kind, Plan};
+use crate::plan::{Entry, Kind, Plan};
+use crate::preserve::Kept;
 use crate::state::{self, names, TransferDir};
 
 /// Entries of `kind` that rank `me` of `n` owns, in plan order.
@@ -30,102 +29,162 @@ fn owned(plan: &Plan, me: usize, n: usize, kind: Kind) -> impl Iterator<Item = u
         .filter(move |&e| plan.entry(e).kind == kind && plan.owner(e, n) == me)
 }
 
+/// The directory holding entry `e`'s final name, with its depth below the anchor.
+fn parent_at(plan: &Plan, e: usize) -> (PathBuf, u16) {
+    let ent = plan.entry(e);
+    (
+        fsio::parent_of(&ent.dst).to_path_buf(),
+        ent.dst_depth().saturating_sub(1),
+    )
+}
+
 /// Make the directory entries of the temporary files this rank owns durable (before the
 /// decision: afterwards a missing temporary file can only mean it was renamed).
 pub fn sync_temp_dirs(plan: &Plan, me: usize, n: usize) -> Result<()> {
-    let dirs: BTreeSet<PathBuf> = owned(plan, me, n, Kind::File)
-        .map(|e| fsio::parent_of(&plan.entry(e).dst).to_path_buf())
+    let tree = fsio::Tree::new();
+    let dirs: BTreeMap<PathBuf, u16> = owned(plan, me, n, Kind::File)
+        .map(|e| parent_at(plan, e))
         .collect();
-    for d in dirs {
-        fsio::fsync_dir(&d)?;
+    for (d, depth) in dirs {
+        tree.fsync_dir(&d, depth)?;
     }
     Ok(())
 }
 
+/// Log each `--preserve` warning; returns how many there were.
+fn warn_all(warnings: Vec<Error>) -> u64 {
+    for w in &warnings {
+        log::warn!("{w}");
+    }
+    warnings.len() as u64
+}
+
+/// With `--preserve`, what to keep of `ent`'s source (read now); a source whose owner or
+/// attributes cannot be read is one warning more.
+fn kept_of(plan: &Plan, ent: &Entry, warnings: &mut u64) -> Option<Kept> {
+    if !plan.preserve {
+        return None;
+    }
+    match Kept::read(&ent.src, ent.kind != Kind::Symlink) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            *warnings += warn_all(vec![e.context(format!(
+                "owner, group and extended attributes of '{}' not kept (--preserve)",
+                ent.dst.display()
+            ))]);
+            None
+        }
+    }
+}
+
+fn is_file(st: &rustix::fs::Stat) -> bool {
+    rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+}
+
 /// Rename the temporary files and symlinks this rank owns to their final names. Every owned
 /// entry's directory is fsynced, also where an earlier run did the rename, so no rename the
-/// commit record vouches for can be lost.
-pub fn finalize_entries(plan: &Plan, me: usize, n: usize) -> Result<()> {
-    let mut dirs = BTreeSet::new();
+/// commit record vouches for can be lost. Everything happens through directory handles opened
+/// from the anchors (a directory swapped for a symlink is refused, never followed). Returns how
+/// many `--preserve` warnings were logged.
+pub fn finalize_entries(plan: &Plan, me: usize, n: usize) -> Result<u64> {
+    let tree = fsio::Tree::new();
+    let mut warnings = 0;
+    let mut dirs = BTreeMap::new();
     // Small files get their metadata without an fsync each; one syncfs per file system makes
     // them durable together, before any of them is renamed.
     let mut batch: Vec<(usize, PathBuf)> = Vec::new();
-    let mut file_systems: HashMap<u64, PathBuf> = HashMap::new();
+    let mut file_systems: HashMap<u64, (PathBuf, u16)> = HashMap::new();
     for e in owned(plan, me, n, Kind::File) {
         // A signal stops the renames too: the decision is durable, so a resume finishes them.
         crate::stop::check_signal()?;
         let ent = plan.entry(e);
-        dirs.insert(fsio::parent_of(&ent.dst).to_path_buf());
+        let depth = ent.dst_depth();
+        let (dir, dir_depth) = parent_at(plan, e);
+        dirs.insert(dir.clone(), dir_depth);
         let tmp = crate::engine::temp_path(plan, e);
-        match fs::symlink_metadata(&tmp) {
-            Ok(md) if md.is_file() => {
+        match tree.stat(&tmp, depth)? {
+            Some(st) if is_file(&st) => {
                 let small = ent.size < crate::engine::SMALL_UNIT;
-                fsio::finish_file(&tmp, ent.mode, ent.mtime, !small)?;
+                let kept = kept_of(plan, ent, &mut warnings);
+                let meta = fsio::Meta {
+                    mode: ent.mode,
+                    mtime: ent.mtime,
+                    kept: kept.as_ref(),
+                };
+                warnings += warn_all(tree.finish_file(&tmp, &ent.dst, depth, &meta, !small)?);
                 if small {
-                    file_systems
-                        .entry(md.dev())
-                        .or_insert_with(|| fsio::parent_of(&tmp).to_path_buf());
+                    file_systems.entry(st.st_dev).or_insert((dir, dir_depth));
                     batch.push((e, tmp));
                     continue;
                 }
                 failpoints::io("commit::file_finished", &tmp)?;
-                fsio::rename(&tmp, &ent.dst)?;
+                tree.rename(&tmp, &ent.dst, depth)?;
                 failpoints::io("commit::renamed", &ent.dst)?;
             }
-            Ok(_) => {
+            Some(_) => {
                 return Err(Error::integrity(
                     &tmp,
                     "temporary name is not a regular file",
                 ))
             }
             // Renamed by an earlier run after the decision; check_finals looks at it.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io("stat", &tmp, e)),
+            None => {}
         }
     }
-    for dir in file_systems.values() {
-        fsio::sync_fs(dir)?;
+    for (dir, depth) in file_systems.values() {
+        tree.sync_fs(dir, *depth)?;
     }
     for (e, tmp) in batch {
         crate::stop::check_signal()?;
+        let ent = plan.entry(e);
         failpoints::io("commit::file_finished", &tmp)?;
-        fsio::rename(&tmp, &plan.entry(e).dst)?;
-        failpoints::io("commit::renamed", &plan.entry(e).dst)?;
+        tree.rename(&tmp, &ent.dst, ent.dst_depth())?;
+        failpoints::io("commit::renamed", &ent.dst)?;
     }
     for e in owned(plan, me, n, Kind::Symlink) {
         let ent = plan.entry(e);
+        let depth = ent.dst_depth();
         let target = ent.target.as_ref().ok_or_else(|| {
             Error::internal("symlink without a target in the plan").with_path(&ent.src)
         })?;
-        dirs.insert(fsio::parent_of(&ent.dst).to_path_buf());
-        if fs::read_link(&ent.dst).ok().as_ref() == Some(target) {
+        let (dir, dir_depth) = parent_at(plan, e);
+        dirs.insert(dir, dir_depth);
+        if tree.read_link(&ent.dst, depth)?.as_ref() == Some(target) {
             continue;
         }
         let tmp = crate::engine::temp_path(plan, e);
-        fsio::remove_file(&tmp)?;
-        std::os::unix::fs::symlink(target, &tmp).ctx("symlink", &tmp)?;
-        fsio::set_times_nofollow(&tmp, ent.mtime)?;
-        fsio::rename(&tmp, &ent.dst)?;
+        tree.remove_file(&tmp, depth)?;
+        let kept = kept_of(plan, ent, &mut warnings);
+        warnings +=
+            warn_all(tree.symlink(target, &tmp, &ent.dst, depth, ent.mtime, kept.as_ref())?);
+        tree.rename(&tmp, &ent.dst, depth)?;
     }
-    for d in &dirs {
-        fsio::fsync_dir(d)?;
+    for (d, depth) in &dirs {
+        tree.fsync_dir(d, *depth)?;
     }
-    failpoints::hit("commit::dirs_synced")
+    failpoints::hit("commit::dirs_synced")?;
+    Ok(warnings)
 }
 
-/// Check with a stat that every final name this rank owns holds what the plan says.
+/// Check with a stat that every final name this rank owns holds what the plan says (through
+/// directory handles opened afresh: a directory swapped for a symlink since is refused).
 pub fn check_finals(plan: &Plan, me: usize, n: usize) -> Result<()> {
+    let tree = fsio::Tree::new();
+    let missing = |p: &Path, op: &str| Error::io(op, p, io::Error::from_raw_os_error(libc::ENOENT));
     for e in owned(plan, me, n, Kind::File) {
         let ent = plan.entry(e);
-        let md = fs::symlink_metadata(&ent.dst).ctx("stat", &ent.dst)?;
-        if !md.is_file() || md.len() != ent.size {
+        let st = tree
+            .stat(&ent.dst, ent.dst_depth())?
+            .ok_or_else(|| missing(&ent.dst, "stat"))?;
+        let size = st.st_size as u64;
+        if !is_file(&st) || size != ent.size {
             return Err(Error::integrity(
                 &ent.dst,
                 format!(
                     "final file is not what was copied (a {} of {} bytes, planned a file of {}); \
                      it was changed behind ferry's back — resume redoes it",
-                    if md.is_file() { "file" } else { "non-file" },
-                    md.len(),
+                    if is_file(&st) { "file" } else { "non-file" },
+                    size,
                     ent.size
                 ),
             )
@@ -134,7 +193,9 @@ pub fn check_finals(plan: &Plan, me: usize, n: usize) -> Result<()> {
     }
     for e in owned(plan, me, n, Kind::Symlink) {
         let ent = plan.entry(e);
-        let t = fs::read_link(&ent.dst).ctx("readlink", &ent.dst)?;
+        let t = tree
+            .read_link(&ent.dst, ent.dst_depth())?
+            .ok_or_else(|| missing(&ent.dst, "readlink"))?;
         if Some(&t) != ent.target.as_ref() {
             return Err(
                 Error::integrity(&ent.dst, "final symlink has another target")
@@ -145,21 +206,31 @@ pub fn check_finals(plan: &Plan, me: usize, n: usize) -> Result<()> {
     Ok(())
 }
 
-/// Give the directories this rank owns their modes and times, deepest first, and make that
-/// durable, together with each directory's own entry in its parent.
-pub fn finish_dirs(plan: &Plan, me: usize, n: usize) -> Result<()> {
+/// Give the directories this rank owns their modes and times (and with `--preserve` owners and
+/// extended attributes, default ACLs included), deepest first, and make that durable, together
+/// with each directory's own entry in its parent. Returns how many `--preserve` warnings were
+/// logged.
+pub fn finish_dirs(plan: &Plan, me: usize, n: usize) -> Result<u64> {
+    let tree = fsio::Tree::new();
+    let mut warnings = 0;
     let mine: Vec<usize> = owned(plan, me, n, Kind::Dir).collect();
-    let mut parents = BTreeSet::new();
+    let mut parents = BTreeMap::new();
     for &e in mine.iter().rev() {
         let ent = plan.entry(e);
-        fsio::set_mode_and_times(&ent.dst, Some(ent.mode), ent.mtime)?;
-        fsio::fsync_dir(&ent.dst)?;
-        parents.insert(fsio::parent_of(&ent.dst).to_path_buf());
+        let kept = kept_of(plan, ent, &mut warnings);
+        let meta = fsio::Meta {
+            mode: ent.mode,
+            mtime: ent.mtime,
+            kept: kept.as_ref(),
+        };
+        warnings += warn_all(tree.finish_dir(&ent.dst, ent.dst_depth(), &meta)?);
+        let (p, depth) = parent_at(plan, e);
+        parents.insert(p, depth);
     }
-    for p in parents {
-        fsio::fsync_dir(&p)?;
+    for (p, depth) in parents {
+        tree.fsync_dir(&p, depth)?;
     }
-    Ok(())
+    Ok(warnings)
 }
 
 /// Rank 0: write the commit record with the manifest (atomically, durably).
@@ -184,28 +255,28 @@ pub fn write_commit(
     Ok(rec)
 }
 
-/// Remove the source files and symlinks this rank owns (after the commit is durable). A source
-/// that is no longer the file that was copied (another inode, size or mtime: the application
-/// wrote a new one there) is kept and returned, never removed.
+/// Remove the source files and symlinks this rank owns (after the commit is durable), through
+/// directory handles opened from the source anchors: a source directory swapped for a symlink
+/// is refused, never followed. A source that is no longer the file that was copied (another
+/// inode, size or mtime: the application wrote a new one there) is kept and returned, never
+/// removed.
 pub fn delete_source_files(plan: &Plan, me: usize, n: usize) -> Result<Vec<PathBuf>> {
-    use std::os::unix::fs::MetadataExt;
-    let mut dirs = BTreeSet::new();
+    let tree = fsio::Tree::new();
+    let mut dirs = BTreeMap::new();
     let mut kept = Vec::new();
     for kind in [Kind::File, Kind::Symlink] {
         for e in owned(plan, me, n, kind) {
             let ent = plan.entry(e);
             let src = &ent.src;
             failpoints::io("delete::source", src)?;
-            let md = match fs::symlink_metadata(src) {
-                Ok(md) => md,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(Error::io("stat", src, e)),
+            let Some(st) = tree.stat(src, ent.depth)? else {
+                continue;
             };
-            let same = md.ino() == ent.ino
+            let same = st.st_ino == ent.ino
                 && (kind == Kind::Symlink
-                    || (md.len() == ent.size
-                        && md.mtime() == ent.mtime.0
-                        && md.mtime_nsec() as u32 == ent.mtime.1));
+                    || (st.st_size as u64 == ent.size
+                        && st.st_mtime == ent.mtime.0
+                        && st.st_mtime_nsec as u32 == ent.mtime.1));
             if !same {
                 log::warn!(
                     "kept source '{}': it is not the file that was copied any more",
@@ -214,13 +285,16 @@ pub fn delete_source_files(plan: &Plan, me: usize, n: usize) -> Result<Vec<PathB
                 kept.push(src.clone());
                 continue;
             }
-            if fsio::remove_file(src)? {
-                dirs.insert(fsio::parent_of(src).to_path_buf());
+            if tree.remove_file(src, ent.depth)? {
+                dirs.insert(
+                    fsio::parent_of(src).to_path_buf(),
+                    ent.depth.saturating_sub(1),
+                );
             }
         }
     }
-    for d in dirs {
-        match fsio::fsync_dir(&d) {
+    for (d, depth) in dirs {
+        match tree.fsync_dir(&d, depth) {
             Err(e) if e.class == crate::ErrorClass::NotFound => {}
             r => r?,
         }
@@ -231,25 +305,27 @@ pub fn delete_source_files(plan: &Plan, me: usize, n: usize) -> Result<Vec<PathB
 /// Remove the source directories this rank owns, deepest first. A directory that still holds
 /// something not in the plan is kept and returned.
 pub fn delete_source_dirs(plan: &Plan, me: usize, n: usize) -> Result<Vec<PathBuf>> {
+    let tree = fsio::Tree::new();
     let mut kept = Vec::new();
     let mine: Vec<usize> = owned(plan, me, n, Kind::Dir).collect();
     for &e in mine.iter().rev() {
-        let src = &plan.entry(e).src;
+        let ent = plan.entry(e);
+        let src = &ent.src;
         failpoints::io("delete::dir", src)?;
-        match fs::remove_dir(src) {
-            Ok(()) => match fsio::fsync_dir(fsio::parent_of(src)) {
+        match tree.remove_dir(src, ent.depth) {
+            Ok(true) => match tree.fsync_dir(fsio::parent_of(src), ent.depth.saturating_sub(1)) {
                 Err(e) if e.class == crate::ErrorClass::NotFound => {}
                 r => r?,
             },
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+            Ok(false) => {}
+            Err(e) if e.errno == Some(libc::ENOTEMPTY) => {
                 log::warn!(
                     "kept source directory '{}': it holds files that were not part of the transfer",
                     src.display()
                 );
                 kept.push(src.clone());
             }
-            Err(e) => return Err(Error::io("rmdir", src, e)),
+            Err(e) => return Err(e),
         }
     }
     Ok(kept)
@@ -257,20 +333,22 @@ pub fn delete_source_dirs(plan: &Plan, me: usize, n: usize) -> Result<Vec<PathBu
 
 /// Remove the temporary files of the entries this rank owns (cancel). Returns how many.
 pub fn remove_temps(plan: &Plan, me: usize, n: usize) -> Result<usize> {
+    let tree = fsio::Tree::new();
     let mut count = 0;
-    let mut dirs = BTreeSet::new();
+    let mut dirs = BTreeMap::new();
     for e in plan.held_entries() {
         if plan.entry(e).kind == Kind::Dir || plan.owner(e, n) != me {
             continue;
         }
         let tmp = crate::engine::temp_path(plan, e);
-        if fsio::remove_file(&tmp)? {
+        if tree.remove_file(&tmp, plan.entry(e).dst_depth())? {
             count += 1;
-            dirs.insert(fsio::parent_of(&tmp).to_path_buf());
+            let (d, depth) = parent_at(plan, e);
+            dirs.insert(d, depth);
         }
     }
-    for d in dirs {
-        fsio::fsync_dir(&d)?;
+    for (d, depth) in dirs {
+        tree.fsync_dir(&d, depth)?;
     }
     failpoints::hit("cancel::temps_removed")?;
     Ok(count)

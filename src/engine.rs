@@ -80,6 +80,8 @@ pub struct CopyJob<'a> {
     pub progress: &'a Progress,
     /// How transient read and write errors are retried.
     pub retry: RetryPolicy,
+    /// Handles of the destination directories (temporary files are made through them).
+    pub tree: &'a fsio::Tree,
 }
 
 /// Copy `units` with `pool`; returns the journal records of the units done. On error the journal
@@ -90,13 +92,14 @@ pub fn copy_units(job: &CopyJob, pool: &rayon::ThreadPool, units: &[u32]) -> Res
     let res = pool.install(|| {
         par_units(units, job.stopper, |u| match copy_unit(job, u)? {
             Copied::Synced(rec, created_in) => {
-                job.journal.record(rec, created_in.as_deref())?;
+                let created_in = created_in.as_ref().map(|(d, depth)| (d.as_path(), *depth));
+                job.journal.record(rec, created_in)?;
                 job.progress.done.fetch_add(rec.len, Ordering::Relaxed);
                 done.lock().unwrap_or_else(|e| e.into_inner()).push(rec);
                 Ok(())
             }
-            Copied::Unsynced(rec, dev, tmp) => {
-                if let Some(recs) = batch.add(rec, dev, tmp) {
+            Copied::Unsynced(rec, dev, tmp, depth) => {
+                if let Some(recs) = batch.add(rec, dev, tmp, depth) {
                     done.lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .extend(batch.sync(job, recs)?);
@@ -128,12 +131,12 @@ pub fn copy_units(job: &CopyJob, pool: &rayon::ThreadPool, units: &[u32]) -> Res
     Ok(done.into_inner().unwrap_or_else(|e| e.into_inner()))
 }
 
-/// What copying a unit left: synced on its own (with the directory of its temporary file if this
-/// copy created it), or written but waiting for its batch's `syncfs` (with the file system it is
-/// on and a path there).
+/// What copying a unit left: synced on its own (with the directory of its temporary file and its
+/// depth below its anchor, if this copy created it), or written but waiting for its batch's
+/// `syncfs` (with the file system it is on, a path there and that path's depth).
 enum Copied {
-    Synced(UnitDone, Option<PathBuf>),
-    Unsynced(UnitDone, u64, PathBuf),
+    Synced(UnitDone, Option<(PathBuf, u16)>),
+    Unsynced(UnitDone, u64, PathBuf, u16),
 }
 
 /// Small units written but not yet durable.
@@ -147,19 +150,20 @@ struct Pending {
     recs: Vec<UnitDone>,
     bytes: u64,
     since: Option<Instant>,
-    /// One directory on each file system the units were written to (by device number).
-    fs: HashMap<u64, PathBuf>,
+    /// One directory (with its depth below its anchor) on each file system the units were
+    /// written to (by device number).
+    fs: HashMap<u64, (PathBuf, u16)>,
 }
 
 impl SyncBatch {
     /// Add a written unit; returns the batch to sync if it is full or old enough.
-    fn add(&self, rec: UnitDone, dev: u64, tmp: PathBuf) -> Option<Pending> {
+    fn add(&self, rec: UnitDone, dev: u64, tmp: PathBuf, depth: u16) -> Option<Pending> {
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         p.recs.push(rec);
         p.bytes += rec.len;
         p.since.get_or_insert_with(Instant::now);
         p.fs.entry(dev)
-            .or_insert_with(|| fsio::parent_of(&tmp).to_path_buf());
+            .or_insert_with(|| (fsio::parent_of(&tmp).to_path_buf(), depth.saturating_sub(1)));
         let due = p.bytes >= BATCH_BYTES
             || p.recs.len() >= BATCH_UNITS
             || p.since.is_some_and(|t| t.elapsed() >= BATCH_AGE);
@@ -177,8 +181,8 @@ impl SyncBatch {
         if p.recs.is_empty() {
             return Ok(Vec::new());
         }
-        for dir in p.fs.values() {
-            fsio::sync_fs(dir)?;
+        for (dir, depth) in p.fs.values() {
+            job.tree.sync_fs(dir, *depth)?;
         }
         // (The temporary names are only rebuilt for the failpoints' sake.)
         #[cfg(feature = "failpoints")]
@@ -247,7 +251,7 @@ fn copy_unit(job: &CopyJob, u: u32) -> Result<Copied> {
         return Err(changed(e, &md));
     }
     let tmp = temp_path(plan, unit.entry as usize);
-    let (dst, created) = fsio::open_temp(&tmp)?;
+    let (dst, created) = job.tree.open_temp(&tmp, e.dst_depth())?;
     let crc = BUF.with(|b| {
         let mut buf = b.borrow_mut();
         // Grown to the largest unit seen, at most BUF_SIZE: small files keep small buffers.
@@ -286,11 +290,16 @@ fn copy_unit(job: &CopyJob, u: u32) -> Result<Copied> {
     };
     if small {
         let dev = dst.metadata().ctx("stat", &tmp)?.dev();
-        return Ok(Copied::Unsynced(rec, dev, tmp));
+        return Ok(Copied::Unsynced(rec, dev, tmp, e.dst_depth()));
     }
     Ok(Copied::Synced(
         rec,
-        created.then(|| fsio::parent_of(&tmp).to_path_buf()),
+        created.then(|| {
+            (
+                fsio::parent_of(&tmp).to_path_buf(),
+                e.dst_depth().saturating_sub(1),
+            )
+        }),
     ))
 }
 
@@ -478,6 +487,7 @@ pub fn verify_units(
     stopper: &Stopper,
     retry: RetryPolicy,
 ) -> Result<()> {
+    let tree = fsio::Tree::new();
     pool.install(|| {
         par_units(units, stopper, |u| {
             let unit = plan.unit(u);
@@ -500,7 +510,7 @@ pub fn verify_units(
                 // The journal vouches for bytes that are not there: drop the temporary file so a
                 // resume copies the whole file again instead of trusting it.
                 if path != e.dst {
-                    fsio::remove_file(&path)?;
+                    tree.remove_file(&path, e.dst_depth())?;
                 }
                 return Err(Error::new(
                     ErrorClass::Integrity,

@@ -20,6 +20,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use crate::error::{IoContext, Result};
 use crate::failpoints;
 
+mod tree;
+pub use tree::{linked_dir, Meta, Tree};
+
 static SEQ: AtomicU64 = AtomicU64::new(0);
 static SYNC_ENABLED: AtomicBool = AtomicBool::new(true);
 

@@ -13,7 +13,7 @@
 //! and discards the rest (their units are redone); a header that does not check out is an
 //! `integrity` error naming the file, never a silent fresh start.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -95,7 +95,9 @@ fn header(rank: u32, attempt: u32, plan_crc: u32) -> [u8; RECORD_SIZE] {
 struct Inner {
     file: File,
     pending: Vec<u8>,
-    dirs: BTreeSet<PathBuf>,
+    /// Directories (with their depth below their anchor) of temporary files created since the
+    /// last flush.
+    dirs: BTreeMap<PathBuf, u16>,
     oldest: Option<Instant>,
     failed: Option<Error>,
 }
@@ -126,6 +128,8 @@ fn decode_void(b: &[u8]) -> Option<u32> {
 pub struct Journal {
     path: PathBuf,
     inner: Mutex<Inner>,
+    /// Handles of the destination directories whose fsyncs precede a flush.
+    tree: fsio::Tree,
 }
 
 impl Journal {
@@ -143,20 +147,22 @@ impl Journal {
             inner: Mutex::new(Inner {
                 file,
                 pending: Vec::new(),
-                dirs: BTreeSet::new(),
+                dirs: BTreeMap::new(),
                 oldest: None,
                 failed: None,
             }),
+            tree: fsio::Tree::new(),
         })
     }
 
-    /// Record a finished unit. `new_dir` is the directory of a temporary file this unit created:
-    /// it is fsynced before the record is written. Flushes when the batch is full or old.
-    pub fn record(&self, rec: UnitDone, new_dir: Option<&Path>) -> Result<()> {
+    /// Record a finished unit. `new_dir` is the directory of a temporary file this unit created
+    /// (with its depth below its anchor): it is fsynced before the record is written. Flushes
+    /// when the batch is full or old.
+    pub fn record(&self, rec: UnitDone, new_dir: Option<(&Path, u16)>) -> Result<()> {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         g.pending.extend_from_slice(&rec.encode());
-        if let Some(d) = new_dir {
-            g.dirs.insert(d.to_path_buf());
+        if let Some((d, depth)) = new_dir {
+            g.dirs.insert(d.to_path_buf(), depth);
         }
         let oldest = *g.oldest.get_or_insert_with(Instant::now);
         if g.pending.len() >= BATCH * RECORD_SIZE || oldest.elapsed() >= BATCH_TIME {
@@ -202,8 +208,8 @@ impl Journal {
             return Ok(());
         }
         let res = (|| {
-            for d in std::mem::take(&mut g.dirs) {
-                fsio::fsync_dir(&d)?;
+            for (d, depth) in std::mem::take(&mut g.dirs) {
+                self.tree.fsync_dir(&d, depth)?;
             }
             failpoints::io("journal::append", &self.path)?;
             g.file.write_all(&g.pending).ctx("write", &self.path)?;

@@ -39,6 +39,7 @@ pub mod pathser;
 pub mod plan;
 #[cfg(feature = "failpoints")]
 pub mod powerloss;
+pub mod preserve;
 pub mod retry;
 pub mod size;
 pub mod state;

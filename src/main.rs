@@ -132,6 +132,11 @@ enum Cmd {
         /// Re-read every destination unit and compare CRC32s before committing.
         #[arg(long)]
         verify: bool,
+        /// Also keep owners and groups (where permitted) and extended attributes, POSIX ACLs
+        /// included (modes and modification times are always kept). What cannot be kept is a
+        /// warning naming the file and the error class; the copy goes on.
+        #[arg(long)]
+        preserve: bool,
         /// Before the commit, open every staged .h5/.hdf5 file with libhdf5 and read it back:
         /// `data` (the default) reads every dataset, `metadata` only groups, types, shapes and
         /// attributes. A file that fails is an integrity error naming the object; nothing is
@@ -443,6 +448,7 @@ fn run(cli: Cli, launch: Launch) -> ferry::Result<i32> {
             threads,
             delete_source,
             verify,
+            preserve,
             verify_hdf5,
             skip_special,
             out,
@@ -456,6 +462,7 @@ fn run(cli: Cli, launch: Launch) -> ferry::Result<i32> {
             opts.threads = threads.unwrap_or_else(default_threads);
             opts.delete_source = delete_source;
             opts.verify = verify;
+            opts.preserve = preserve;
             opts.skip_special = skip_special;
             let sum = run_ranks(&out, launch, |c, run| {
                 let mut run = run.clone();
@@ -813,6 +820,13 @@ fn report(sum: &Summary, out: &Output) {
             } else {
                 String::new()
             }
+        );
+    }
+    if sum.not_preserved > 0 {
+        eprintln!(
+            "ferry: warning: {} owner, group or extended-attribute change(s) could not be made \
+             (--preserve); each is named above",
+            sum.not_preserved
         );
     }
     if sum.sources_removed == Some(true) {

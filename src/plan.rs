@@ -95,6 +95,26 @@ pub struct Entry {
     /// Inode of the source when planned (a source is removed only if it is still this file).
     #[serde(default)]
     pub ino: u64,
+    /// How many components of `src` lie below the directory the user named, its *anchor*: a
+    /// root directory 0, a file in it 1. Every directory below an anchor is opened without
+    /// following a symlink (`fsio::Tree`). Plans written before it: 1.
+    #[serde(default = "one")]
+    pub depth: u16,
+    /// The root directory this entry belongs to lies inside the destination the user named
+    /// (several sources copied into DST): its `dst` has one more component below its anchor.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub in_dest: bool,
+}
+
+fn one() -> u16 {
+    1
+}
+
+impl Entry {
+    /// Components of `dst` below its anchor (see [`Entry::depth`]).
+    pub fn dst_depth(&self) -> u16 {
+        self.depth + self.in_dest as u16
+    }
 }
 
 /// A piece of one file: the smallest thing a rank copies and journals.
@@ -135,6 +155,9 @@ pub struct Plan {
     pub delete_source: bool,
     /// Re-read and compare destination units before the commit.
     pub verify: bool,
+    /// `--preserve`: keep owners, groups and extended attributes too.
+    #[serde(default)]
+    pub preserve: bool,
     /// Copy threads per rank.
     pub threads: usize,
     /// Everything to create, parents before children (in a slice: only the entries held).
@@ -168,6 +191,7 @@ pub struct SliceView<'a> {
     dest: &'a str,
     delete_source: bool,
     verify: bool,
+    preserve: bool,
     threads: usize,
     entries: Vec<&'a Entry>,
     units: Vec<Unit>,
@@ -350,6 +374,7 @@ impl Plan {
             dest: &self.dest,
             delete_source: self.delete_source,
             verify: self.verify,
+            preserve: self.preserve,
             threads: self.threads,
             entries: ents.iter().map(|&e| &self.entries[e as usize]).collect(),
             units: units.iter().map(|&u| self.units[u as usize]).collect(),
@@ -374,6 +399,7 @@ impl Plan {
             dest: self.dest.clone(),
             delete_source: self.delete_source,
             verify: self.verify,
+            preserve: self.preserve,
             threads: self.threads,
             entries: Vec::new(),
             units: Vec::new(),
@@ -590,6 +616,7 @@ fn entry_from(
     dst: &Path,
     md: &fs::Metadata,
     holder: Option<usize>,
+    depth: u16,
 ) -> Entry {
     Entry {
         kind,
@@ -601,6 +628,8 @@ fn entry_from(
         target: None,
         holder,
         ino: md.ino(),
+        depth,
+        in_dest: false,
     }
 }
 
@@ -672,21 +701,28 @@ pub fn roots(
 
 /// Walk one source root into entries (parents before children, names in byte order so the same
 /// tree gives the same plan). A top-level symlink is followed; symlinks inside are copied as
-/// symlinks. `exclude` names paths (e.g. the state directory) that are not copied.
+/// symlinks. `exclude` names paths (e.g. the state directory) that are not copied. `inside`: a
+/// directory root lies inside the destination the user named (several sources into DST), which
+/// is then its destination anchor (see [`Entry::depth`]).
 pub fn walk(
     src: &Path,
     dst: &Path,
     exclude: &[PathBuf],
     holder: Option<usize>,
+    inside: bool,
     report: &mut WalkReport,
 ) -> Result<Vec<Entry>> {
     let md = fs::metadata(src).ctx("stat", src)?;
     let mut out = Vec::new();
     if md.is_dir() {
-        out.push(entry_from(Kind::Dir, src, dst, &md, holder));
+        out.push(entry_from(Kind::Dir, src, dst, &md, holder, 0));
         walk_dir(src, dst, exclude, holder, &mut out, report)?;
+        for e in &mut out {
+            e.depth = e.src.strip_prefix(src).map_or(0, |r| r.iter().count()) as u16;
+            e.in_dest = inside;
+        }
     } else if md.is_file() {
-        out.push(entry_from(Kind::File, src, dst, &md, holder));
+        out.push(entry_from(Kind::File, src, dst, &md, holder, 1));
     } else {
         return Err(Error::usage(format!(
             "source is {}; ferry copies files, directories and symlinks",
@@ -726,12 +762,12 @@ fn walk_dir(
         };
         let ft = md.file_type();
         if ft.is_dir() {
-            out.push(entry_from(Kind::Dir, &s, &d, &md, holder));
+            out.push(entry_from(Kind::Dir, &s, &d, &md, holder, 0));
             walk_dir(&s, &d, exclude, holder, out, report)?;
         } else if ft.is_file() {
-            out.push(entry_from(Kind::File, &s, &d, &md, holder));
+            out.push(entry_from(Kind::File, &s, &d, &md, holder, 0));
         } else if ft.is_symlink() {
-            let mut e = entry_from(Kind::Symlink, &s, &d, &md, holder);
+            let mut e = entry_from(Kind::Symlink, &s, &d, &md, holder, 0);
             e.target = Some(fs::read_link(&s).ctx("readlink", &s)?);
             out.push(e);
         } else if report.skip_special {
@@ -853,6 +889,8 @@ mod tests {
             target: None,
             holder: None,
             ino: 0,
+            depth: 1,
+            in_dest: false,
         }
     }
 
@@ -871,6 +909,7 @@ mod tests {
             dest: String::new(),
             delete_source: false,
             verify: false,
+            preserve: false,
             threads: 1,
             entries,
             units,

@@ -239,7 +239,17 @@ fn write_notice(path: &Path, why: &Error) {
     };
     // Not a durability step: the notice only hurries live peers; a resume removes it.
     if let Ok(b) = serde_json::to_vec(&n) {
-        if let Err(e) = std::fs::write(path, b) {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .and_then(|mut f| f.write_all(&b));
+        if let Err(e) = written {
             log::debug!("cannot write the stop notice '{}': {e}", path.display());
         }
     }

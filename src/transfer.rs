@@ -65,6 +65,9 @@ pub struct CopyOptions {
     pub delete_source: bool,
     /// Re-read and compare before the commit.
     pub verify: bool,
+    /// Keep owners, groups and extended attributes (POSIX ACLs included) too, where permitted;
+    /// what cannot be kept is reported per file as a warning.
+    pub preserve: bool,
     /// Record the transfer in the per-user registry (so it is found by id alone).
     pub register: bool,
     /// Leave out sockets, FIFOs and device files (with a warning) instead of refusing them.
@@ -89,6 +92,7 @@ impl CopyOptions {
             threads: 4,
             delete_source: false,
             verify: false,
+            preserve: false,
             register: true,
             skip_special: false,
             pairs: Vec::new(),
@@ -168,6 +172,9 @@ pub struct Summary {
     pub already_committed: bool,
     /// With `--delete-source`: whether every source is gone.
     pub sources_removed: Option<bool>,
+    /// With `--preserve`: owners, groups or extended attributes this run could not keep (each
+    /// one logged as a warning naming the file).
+    pub not_preserved: u64,
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
@@ -516,10 +523,13 @@ fn walk_mine(
         skip_special: opts.skip_special,
         ..Default::default()
     };
+    // Several sources go inside DST, which is then their anchor (DST/NAME is no more trusted
+    // than any directory below it).
+    let inside = opts.pairs.is_empty() && roots.len() > 1;
     for (s, d) in roots {
         // Never copy ferry's own state: this transfer's, or an earlier one kept in the source.
         let exclude = vec![state_dir.clone(), s.join(".ferry")];
-        entries.extend(plan::walk(s, d, &exclude, holder, &mut report)?);
+        entries.extend(plan::walk(s, d, &exclude, holder, inside, &mut report)?);
     }
     plan::check_paths(&entries, roots)?;
     Ok(entries)
@@ -551,6 +561,7 @@ fn make_plan(
         dest: crate::pathser::encode(Path::new(&opts.dest)),
         delete_source: opts.delete_source,
         verify: opts.verify,
+        preserve: opts.preserve,
         threads: opts.threads,
         entries,
         units,
@@ -835,6 +846,7 @@ fn execute(
         seconds: 0.0,
         already_committed: known.committed,
         sources_removed: None,
+        not_preserved: 0,
     };
     if known.cancelled {
         return Err(Error::usage(format!(
@@ -1048,17 +1060,22 @@ fn run_phases(
 
     // Directories: each rank makes the ones it owns, then the parents of its units' files.
     // (All made first, then one fsync per parent directory.)
+    // Below the destination anchors they are made through directory handles, never through a
+    // symbolic link.
+    let tree = fsio::Tree::new();
     let dirs = {
-        let mut want: BTreeSet<&Path> = BTreeSet::new();
+        let mut want: BTreeSet<(&Path, u16)> = BTreeSet::new();
         for e in wp.held_entries() {
-            if wp.entry(e).kind == Kind::Dir && wp.owner(e, n) == me {
-                want.insert(&wp.entry(e).dst);
+            let ent = wp.entry(e);
+            if ent.kind == Kind::Dir && wp.owner(e, n) == me {
+                want.insert((&ent.dst, ent.dst_depth()));
             }
         }
         for &u in &work.copy {
-            want.insert(fsio::parent_of(&wp.entry(wp.unit(u).entry as usize).dst));
+            let ent = wp.entry(wp.unit(u).entry as usize);
+            want.insert((fsio::parent_of(&ent.dst), ent.dst_depth().saturating_sub(1)));
         }
-        fsio::create_dirs_all(want).map(|_| ())
+        tree.create_dirs(want).map(|_| ())
     };
     agree(comm, dirs)?;
 
@@ -1069,6 +1086,7 @@ fn run_phases(
         stopper,
         progress,
         retry: run.retry,
+        tree: &tree,
     };
     let copied = engine::copy_units(&job, &pool, &work.copy);
     let copied = agree(comm, copied)?;
@@ -1181,9 +1199,11 @@ fn run_phases(
     sum.state = State::Committing;
 
     // Final names, then a stat of each, then directories.
-    let fin = commit::finalize_entries(wp, me, n).and_then(|_| commit::check_finals(wp, me, n));
-    agree(comm, fin)?;
-    agree(comm, commit::finish_dirs(wp, me, n))?;
+    let fin = commit::finalize_entries(wp, me, n)
+        .and_then(|w| commit::check_finals(wp, me, n).map(|_| w));
+    let files_warned = agree(comm, fin)?;
+    let dirs_warned = agree(comm, commit::finish_dirs(wp, me, n))?;
+    sum.not_preserved = comm.allreduce_sum(files_warned + dirs_warned)?;
 
     // The commit record: the one proof of completion.
     let committed = if me == 0 {
@@ -1340,32 +1360,15 @@ fn cancel_offline(td: &TransferDir, req: &state::Cancelled) -> Result<CancelOutc
     Ok(CancelOutcome::Cancelled)
 }
 
-/// A `permission` error if a directory of the destination tree below its root (a planned
-/// directory whose parent is planned too) exists as a symbolic link. The root itself is the
-/// user's choice and may be reached through links.
+/// A `permission` error if a directory of the destination tree below its anchor (DST, or with
+/// several sources DST/NAME too) exists as a symbolic link, before anything is written. The
+/// directory handles of `fsio::Tree` refuse such a link whenever it appears; this check only
+/// makes the refusal come first. The anchor itself is the user's choice and may be a link.
 fn refuse_linked_dirs(plan: &Plan) -> Result<()> {
-    let dirs: std::collections::HashSet<&Path> = plan
-        .entries
-        .iter()
-        .filter(|e| e.kind == Kind::Dir)
-        .map(|e| e.dst.as_path())
-        .collect();
     for e in plan.entries.iter().filter(|e| e.kind == Kind::Dir) {
-        let inside = e.dst.parent().is_some_and(|p| dirs.contains(p));
         let linked = std::fs::symlink_metadata(&e.dst).is_ok_and(|m| m.file_type().is_symlink());
-        if inside && linked {
-            let to = std::fs::read_link(&e.dst)
-                .map(|t| t.display().to_string())
-                .unwrap_or_default();
-            return Err(Error::new(
-                ErrorClass::Permission,
-                format!(
-                    "this directory of the destination tree is a symbolic link (to '{to}'); \
-                     ferry never writes through one: remove it, or copy to another place"
-                ),
-            )
-            .with_path(&e.dst)
-            .with_op("lstat"));
+        if e.dst_depth() > 0 && linked {
+            return Err(fsio::linked_dir(&e.dst).with_op("lstat"));
         }
     }
     Ok(())

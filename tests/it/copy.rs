@@ -164,7 +164,7 @@ fn the_same_inputs_give_the_same_plan() {
     awkward_tree(&src, 4096, 20_000, 4);
     let walk = || {
         let mut rep = ferry::plan::WalkReport::default();
-        let e = ferry::plan::walk(&src, &s.path("dst"), &[], None, &mut rep).unwrap();
+        let e = ferry::plan::walk(&src, &s.path("dst"), &[], None, false, &mut rep).unwrap();
         let u = ferry::plan::make_units(&e, 4096);
         (e, u)
     };

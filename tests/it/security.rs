@@ -111,3 +111,368 @@ fn temporaries_are_private_while_in_flight_and_get_their_mode_at_the_commit() {
         & 0o777;
     assert_eq!(mode, 0o644, "the final mode at the commit");
 }
+
+/// Run `ferry ARGS` paused at failpoint `point`, let `tamper` change the trees, then let it go
+/// on; returns its output.
+#[cfg(feature = "failpoints")]
+fn tampered_at(
+    s: &Scratch,
+    point: &str,
+    args: &[&str],
+    tamper: impl FnOnce(),
+) -> std::process::Output {
+    let child = s
+        .ferry()
+        .args(args)
+        .env("FERRY_FAILPOINTS", format!("{point}=pause"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn_tracked();
+    let mut child = child;
+    s.wait_paused(&mut child);
+    tamper();
+    s.release();
+    child.wait_with_output().unwrap()
+}
+
+/// `dir` moved aside and a symlink to the canary directory put in its place.
+#[cfg(feature = "failpoints")]
+fn swap_for_link(s: &Scratch, dir: &str) {
+    fs::rename(s.path(dir), s.path(&format!("{dir}.moved"))).unwrap();
+    symlink(s.path("outside"), s.path(dir)).unwrap();
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_destination_directory_swapped_for_a_symlink_while_copying_is_never_written_through() {
+    let s = Scratch::new();
+    tree(&s);
+    let o = tampered_at(
+        &s,
+        "copy::unit_synced",
+        &["copy", "--id", "swap", "--threads", "1", "src", "dst"],
+        || swap_for_link(&s, "dst/sub"),
+    );
+    expect_code(&o, 6);
+    let err = stderr(&o);
+    assert!(
+        err.contains("permission") && err.contains("dst/sub") && err.contains("symbolic link"),
+        "{err}"
+    );
+    assert_eq!(
+        names(&s.path("outside")),
+        ["canary"],
+        "nothing written outside"
+    );
+    assert_eq!(fs::read(s.path("outside/canary")).unwrap(), b"canary");
+    // Once the tree is put back, the resume completes.
+    fs::remove_file(s.path("dst/sub")).unwrap();
+    fs::rename(s.path("dst/sub.moved"), s.path("dst/sub")).unwrap();
+    expect_code(&s.run(&["resume", "swap"]), 0);
+    assert_same_tree(&s.path("src"), &s.path("dst"));
+    assert_eq!(names(&s.path("outside")), ["canary"]);
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_destination_directory_swapped_for_a_symlink_during_the_commit_is_refused() {
+    let s = Scratch::new();
+    tree(&s);
+    // Paused before the first rename of the commit (the decision is durable by then).
+    let o = tampered_at(
+        &s,
+        "commit::file_finished",
+        &["copy", "--id", "late", "--threads", "1", "src", "dst"],
+        || swap_for_link(&s, "dst/sub"),
+    );
+    expect_code(&o, 6);
+    let err = stderr(&o);
+    assert!(
+        err.contains("dst/sub") && err.contains("symbolic link"),
+        "{err}"
+    );
+    assert_eq!(
+        names(&s.path("outside")),
+        ["canary"],
+        "no rename, chmod or write outside"
+    );
+    assert_eq!(fs::read(s.path("outside/canary")).unwrap(), b"canary");
+    let st = stdout(&s.run(&["status", "late"]));
+    assert!(!st.contains("committed\n"), "not committed: {st}");
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn delete_source_never_removes_through_a_source_directory_swapped_for_a_symlink() {
+    let s = Scratch::new();
+    tree(&s);
+    // What the link will point at holds files of the same names as the planned sources.
+    fs::write(s.path("outside/b.dat"), b"not yours").unwrap();
+    fs::create_dir_all(s.path("outside/deeper")).unwrap();
+    fs::write(s.path("outside/deeper/a.dat"), b"not yours either").unwrap();
+    let o = tampered_at(
+        &s,
+        "delete::source",
+        &[
+            "copy",
+            "--id",
+            "del",
+            "--threads",
+            "1",
+            "--delete-source",
+            "src",
+            "dst",
+        ],
+        || swap_for_link(&s, "src/sub"),
+    );
+    expect_code(&o, 6);
+    let err = stderr(&o);
+    assert!(
+        err.contains("src/sub") && err.contains("symbolic link"),
+        "{err}"
+    );
+    assert_eq!(names(&s.path("outside")), ["b.dat", "canary", "deeper"]);
+    assert_eq!(fs::read(s.path("outside/b.dat")).unwrap(), b"not yours");
+    assert_eq!(
+        fs::read(s.path("outside/deeper/a.dat")).unwrap(),
+        b"not yours either"
+    );
+    // The copy itself is committed and whole.
+    assert_eq!(
+        fs::read(s.path("dst/sub/b.dat")).unwrap(),
+        fs::read(s.path("src/sub.moved/b.dat")).unwrap()
+    );
+}
+
+/// Whether this test process runs as root (the owner tests need it; CI runs as root).
+fn root() -> bool {
+    // SAFETY: geteuid(2) cannot fail.
+    let r = unsafe { libc::geteuid() } == 0;
+    if !r {
+        eprintln!("skipped: needs root to give files away");
+    }
+    r
+}
+
+/// A POSIX ACL as Linux stores it in `system.posix_acl_*`: version 2, then (tag, perm, id)
+/// entries sorted by tag: the owner `rw`, user `uid` read-only, the group read-only, mask read,
+/// others nothing.
+fn acl(uid: u32) -> Vec<u8> {
+    const UNDEF: u32 = u32::MAX;
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in [
+        (0x01u16, 6u16, UNDEF),
+        (0x02, 4, uid),
+        (0x04, 4, UNDEF),
+        (0x10, 4, UNDEF),
+        (0x20, 0, UNDEF),
+    ] {
+        v.extend(tag.to_le_bytes());
+        v.extend(perm.to_le_bytes());
+        v.extend(id.to_le_bytes());
+    }
+    v
+}
+
+fn set_xattr(p: &Path, name: &str, value: &[u8]) {
+    rustix::fs::lsetxattr(p, name, value, rustix::fs::XattrFlags::empty()).unwrap();
+}
+
+/// Every extended attribute of `p` (not following a symlink), sorted.
+fn xattrs(p: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut names = vec![0u8; 4096];
+    let n = rustix::fs::llistxattr(p, &mut names[..]).unwrap();
+    let mut out = Vec::new();
+    for name in names[..n].split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let name = String::from_utf8_lossy(name).into_owned();
+        let mut v = vec![0u8; 65536];
+        let m = rustix::fs::lgetxattr(p, name.as_str(), &mut v[..]).unwrap();
+        v.truncate(m);
+        out.push((name, v));
+    }
+    out.sort();
+    out
+}
+
+/// (uid, gid, mode) of `p` itself.
+fn owner_mode(p: &Path) -> (u32, u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::symlink_metadata(p).unwrap();
+    (m.uid(), m.gid(), m.mode() & 0o7777)
+}
+
+#[test]
+fn root_with_preserve_keeps_owners_groups_xattrs_and_acls_in_another_users_tree() {
+    use std::os::unix::fs::{chown, lchown, PermissionsExt};
+    if !root() {
+        return;
+    }
+    let s = Scratch::new();
+    let mut r = Rng::new(5);
+    write_file(&s.path("src/a.dat"), 70_000, &mut r);
+    write_file(&s.path("src/acl.dat"), 100, &mut r);
+    write_file(&s.path("src/shared/b.dat"), 9_000_000, &mut r);
+    symlink("a.dat", s.path("src/link")).unwrap();
+    set_xattr(&s.path("src/a.dat"), "user.ckpt.step", b"42");
+    set_xattr(
+        &s.path("src/acl.dat"),
+        "system.posix_acl_access",
+        &acl(4321),
+    );
+    set_xattr(
+        &s.path("src/shared"),
+        "system.posix_acl_default",
+        &acl(4321),
+    );
+    set_xattr(&s.path("src/shared"), "user.note", b"dir attr");
+    fs::set_permissions(s.path("src/a.dat"), fs::Permissions::from_mode(0o4750)).unwrap();
+    for (p, uid, gid) in [
+        ("src", 1234, 2345),
+        ("src/a.dat", 1234, 2345),
+        ("src/acl.dat", 4321, 4321),
+        ("src/shared", 1234, 2345),
+        ("src/shared/b.dat", 4321, 2345),
+    ] {
+        chown(s.path(p), Some(uid), Some(gid)).unwrap();
+    }
+    // chown clears set-id bits: put it back, the copy must keep it.
+    fs::set_permissions(s.path("src/a.dat"), fs::Permissions::from_mode(0o4750)).unwrap();
+    lchown(s.path("src/link"), Some(4321), Some(4321)).unwrap();
+    // The destination is another user's project directory.
+    fs::create_dir(s.path("proj")).unwrap();
+    chown(s.path("proj"), Some(1234), Some(2345)).unwrap();
+
+    let o = s.run(&["copy", "--preserve", "src", "proj/ckpt"]);
+    expect_code(&o, 0);
+    assert!(!stderr(&o).contains("not kept"), "{}", stderr(&o));
+    assert_same_tree(&s.path("src"), &s.path("proj/ckpt"));
+    for p in [
+        "",
+        "/a.dat",
+        "/acl.dat",
+        "/shared",
+        "/shared/b.dat",
+        "/link",
+    ] {
+        let (src, dst) = (s.path(&format!("src{p}")), s.path(&format!("proj/ckpt{p}")));
+        if p != "/link" {
+            assert_eq!(
+                owner_mode(&dst),
+                owner_mode(&src),
+                "owner, group, mode of {p}"
+            );
+            assert_eq!(xattrs(&dst), xattrs(&src), "extended attributes of {p}");
+        } else {
+            assert_eq!(owner_mode(&dst).0, 4321, "owner of the symlink");
+            assert_eq!(owner_mode(&dst).1, 4321);
+        }
+    }
+    assert_eq!(owner_mode(&s.path("proj/ckpt/a.dat")).2, 0o4750);
+    assert!(xattrs(&s.path("proj/ckpt/acl.dat"))
+        .iter()
+        .any(|(n, _)| n == "system.posix_acl_access"));
+
+    // Without --preserve the copy belongs to whoever ran it; modes and times are still kept.
+    expect_code(&s.run(&["copy", "src", "proj/plain"]), 0);
+    let (uid, _, mode) = owner_mode(&s.path("proj/plain/acl.dat"));
+    assert_eq!(uid, 0);
+    assert_eq!(mode, owner_mode(&s.path("src/acl.dat")).2);
+    assert!(xattrs(&s.path("proj/plain/a.dat")).is_empty());
+}
+
+#[test]
+fn an_unprivileged_run_with_preserve_warns_per_file_it_cannot_give_away() {
+    use std::os::unix::fs::{chown, PermissionsExt};
+    if !root() {
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    // In the system's temp directory, which every user can reach (the scratch may not be), with
+    // a copy of the binary.
+    let base = tempfile::Builder::new()
+        .prefix("ferry-unpriv")
+        .tempdir()
+        .unwrap();
+    let at = |p: &str| base.path().join(p);
+    fs::set_permissions(base.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::copy(env!("CARGO_BIN_EXE_ferry"), at("ferry")).unwrap();
+    let mut r = Rng::new(6);
+    write_file(&at("src/root.dat"), 5000, &mut r);
+    write_file(&at("src/mine.dat"), 6000, &mut r);
+    write_file(&at("src/sub/deep.dat"), 7000, &mut r);
+    set_xattr(&at("src/root.dat"), "user.origin", b"root");
+    for p in ["src", "src/sub"] {
+        fs::set_permissions(at(p), fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    for p in ["src/root.dat", "src/mine.dat", "src/sub/deep.dat"] {
+        fs::set_permissions(at(p), fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    chown(at("src/mine.dat"), Some(NOBODY), Some(NOBODY)).unwrap();
+    for d in ["out", "home"] {
+        fs::create_dir(at(d)).unwrap();
+        chown(at(d), Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    let o = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(at("ferry"))
+        .args(["copy", "--preserve"])
+        .arg(at("src"))
+        .arg(at("out/dst"))
+        .env("FERRY_HOME", at("home"))
+        .env("HOME", at("home"))
+        .env_remove("FERRY_FAILPOINTS")
+        .output()
+        .unwrap();
+    expect_code(&o, 0);
+    let err = stderr(&o);
+    // One warning, with its class, for each root-owned entry; none for the user's own file.
+    for p in [
+        "out/dst'",
+        "out/dst/root.dat",
+        "out/dst/sub'",
+        "out/dst/sub/deep.dat",
+    ] {
+        let line = err
+            .lines()
+            .find(|l| l.contains(p))
+            .unwrap_or_else(|| panic!("no warning for {p}:\n{err}"));
+        assert!(
+            line.contains("permission") && line.contains("owner and group 0:0 not kept"),
+            "{line}"
+        );
+    }
+    assert!(!err.contains("mine.dat"), "{err}");
+    assert!(
+        err.contains("4 owner, group or extended-attribute change(s)"),
+        "{err}"
+    );
+    assert_same_tree(&at("src"), &at("out/dst"));
+    for p in ["root.dat", "mine.dat", "sub/deep.dat"] {
+        let (uid, gid, mode) = owner_mode(&at(&format!("out/dst/{p}")));
+        assert_eq!((uid, gid, mode), (NOBODY, NOBODY, 0o644), "{p}");
+    }
+    // What the user may set is kept: the user's own extended attributes.
+    assert_eq!(
+        xattrs(&at("out/dst/root.dat")),
+        [("user.origin".to_string(), b"root".to_vec())]
+    );
+}
+
+#[test]
+fn with_several_sources_a_planted_link_at_dst_name_is_refused() {
+    let s = Scratch::new();
+    tree(&s);
+    let mut r = Rng::new(32);
+    write_file(&s.path("other/x.dat"), 100, &mut r);
+    fs::create_dir_all(s.path("dst")).unwrap();
+    // DST is the user's; DST/src, where the first source goes, was planted by someone else.
+    symlink(s.path("outside"), s.path("dst/src")).unwrap();
+    let o = s.run(&["copy", "src", "other", "dst"]);
+    expect_code(&o, 6);
+    assert!(stderr(&o).contains("dst/src"), "{}", stderr(&o));
+    assert_eq!(names(&s.path("outside")), ["canary"]);
+    fs::remove_file(s.path("dst/src")).unwrap();
+    expect_code(&s.run(&["copy", "src", "other", "dst"]), 0);
+    assert_same_tree(&s.path("src"), &s.path("dst/src"));
+    assert_same_tree(&s.path("other"), &s.path("dst/other"));
+}

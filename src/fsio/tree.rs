@@ -1,0 +1,455 @@
+//! Writing inside a transfer's trees through directory handles, never through a symlink.
+//!
+//! Every name ferry creates, renames, changes or removes in a destination tree (and, with
+//! `--delete-source`, in a source tree) is reached from its *anchor* — the directory the user
+//! named (the destination root, or the directory holding a single file) — one component at a
+//! time, each directory opened with `O_NOFOLLOW | O_DIRECTORY`, and the final operation is made
+//! relative to the handle of its parent (`openat`, `renameat`, `unlinkat`, `fchmod` on an open
+//! descriptor...). A symlink planted at a directory below the anchor, before the run or while it
+//! runs, is met as such and refused with `permission`, naming the path; it is never followed.
+//! The anchor itself may be reached through links: the user chose it.
+//!
+//! Each entry of the plan knows its `depth`: how many components of its path lie below its
+//! anchor (a root directory 0, a file in it 1, ...). Handles of parent directories are cached
+//! while one phase runs; an operation whose cached handle has gone stale (the directory was
+//! removed or renamed) is tried once more from the anchor, which meets a link put in its place.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStringExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps, UTIME_OMIT};
+use rustix::io::Errno;
+
+use super::{sync_all, syncs};
+use crate::error::{Error, ErrorClass, IoContext, Result};
+use crate::failpoints;
+use crate::preserve::Kept;
+
+/// How many directory handles a [`Tree`] keeps open.
+const CACHE_MAX: usize = 256;
+
+/// What a file or directory gets when it is finished: its mode and modification time always,
+/// with `--preserve` also what [`Kept`] holds.
+pub struct Meta<'a> {
+    /// Permission bits (set last, after an owner change that would clear set-id bits).
+    pub mode: u32,
+    /// Modification time (seconds, nanoseconds).
+    pub mtime: (i64, u32),
+    /// Owner, group and extended attributes to set first (`--preserve`).
+    pub kept: Option<&'a Kept>,
+}
+
+/// Directory handles of one phase of a run (see the module documentation).
+#[derive(Default)]
+pub struct Tree {
+    cache: Mutex<HashMap<PathBuf, Arc<OwnedFd>>>,
+}
+
+/// The error for a directory below an anchor that is a symbolic link.
+pub fn linked_dir(path: &Path) -> Error {
+    let to = std::fs::read_link(path)
+        .map(|t| t.display().to_string())
+        .unwrap_or_default();
+    Error::new(
+        ErrorClass::Permission,
+        format!(
+            "this directory inside the transfer's tree is a symbolic link (to '{to}'); ferry \
+             never writes through one: remove it, or copy to another place"
+        ),
+    )
+    .with_path(path)
+    .with_op("open-dir")
+}
+
+fn split(path: &Path) -> Result<(&Path, &OsStr)> {
+    match (path.parent(), path.file_name()) {
+        (Some(p), Some(n)) if !p.as_os_str().is_empty() => Ok((p, n)),
+        _ => Err(Error::internal("a path without a parent directory in the plan").with_path(path)),
+    }
+}
+
+fn dir_flags() -> OFlags {
+    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC
+}
+
+/// Whether `e` says an operation met a name that is not where (or what) it was: the handle
+/// may be stale.
+fn maybe_stale(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR))
+}
+
+impl Tree {
+    /// A tree with no handle open yet.
+    pub fn new() -> Tree {
+        Tree::default()
+    }
+
+    /// The directory `dir`, whose last `below` components lie below its anchor. `fresh`
+    /// ignores cached handles.
+    fn open_dir(&self, dir: &Path, below: usize, fresh: bool) -> Result<Arc<OwnedFd>> {
+        if !fresh {
+            if let Some(fd) = self.cached(dir) {
+                return Ok(fd);
+            }
+        }
+        let mut anchor = dir;
+        for _ in 0..below {
+            anchor = anchor.parent().ok_or_else(|| {
+                Error::internal("a plan entry deeper than its path").with_path(dir)
+            })?;
+        }
+        let mut fd = Arc::new(
+            rustix::fs::open(anchor, dir_flags(), Mode::empty())
+                .map_err(io::Error::from)
+                .ctx("open-dir", anchor)?,
+        );
+        let mut cur = anchor.to_path_buf();
+        let rest = dir.strip_prefix(anchor).unwrap_or(Path::new(""));
+        for name in rest.iter() {
+            cur.push(name);
+            fd = Arc::new(open_below(&fd, name, &cur)?);
+        }
+        let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if c.len() >= CACHE_MAX {
+            c.clear();
+        }
+        c.insert(dir.to_path_buf(), fd.clone());
+        Ok(fd)
+    }
+
+    /// [`Tree::open_dir`], `None` if the directory (or one above it) does not exist.
+    fn existing_dir(&self, dir: &Path, below: usize) -> Result<Option<Arc<OwnedFd>>> {
+        match self.open_dir(dir, below, false) {
+            Ok(fd) => Ok(Some(fd)),
+            Err(e) if e.class == ErrorClass::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn cached(&self, dir: &Path) -> Option<Arc<OwnedFd>> {
+        let c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        c.get(dir).cloned()
+    }
+
+    /// Run `f` with the handle of `path`'s parent and `path`'s name (`path` lies `depth`
+    /// components below its anchor). A failure that may come from a stale handle is tried once
+    /// more from the anchor.
+    fn at<T>(
+        &self,
+        path: &Path,
+        depth: u16,
+        op: &str,
+        f: impl Fn(BorrowedFd<'_>, &OsStr) -> io::Result<T>,
+    ) -> Result<T> {
+        let (parent, name) = split(path)?;
+        let below = depth.saturating_sub(1) as usize;
+        let fd = self.open_dir(parent, below, false)?;
+        match f(fd.as_fd(), name) {
+            Err(e) if maybe_stale(&e) => {
+                let fd = self.open_dir(parent, below, true)?;
+                f(fd.as_fd(), name).ctx(op, path)
+            }
+            r => r.ctx(op, path),
+        }
+    }
+
+    /// The directory `dir` itself (`depth` components below its anchor), opened without
+    /// following a link unless it is the anchor.
+    pub fn dir(&self, dir: &Path, depth: u16) -> Result<Arc<OwnedFd>> {
+        self.open_dir(dir, depth as usize, true)
+    }
+
+    /// Create every directory of `dirs` (with its depth) that is missing, and the anchors'
+    /// missing ancestors (by path), then make the new names durable, one fsync per parent.
+    /// Directories made below an anchor are private (0700) until their final mode is set.
+    pub fn create_dirs<'a>(
+        &self,
+        dirs: impl IntoIterator<Item = (&'a Path, u16)>,
+    ) -> Result<usize> {
+        let mut parents: HashMap<PathBuf, Arc<OwnedFd>> = HashMap::new();
+        let mut made = 0;
+        for (dir, depth) in dirs {
+            let mut anchor = dir;
+            for _ in 0..depth {
+                anchor = super::parent_of(anchor);
+            }
+            made += super::create_dirs(anchor)?.len();
+            let rest = dir.strip_prefix(anchor).unwrap_or(Path::new(""));
+            if rest.as_os_str().is_empty() {
+                continue;
+            }
+            let mut cur = anchor.to_path_buf();
+            let mut fd = Arc::new(
+                rustix::fs::open(anchor, dir_flags(), Mode::empty())
+                    .map_err(io::Error::from)
+                    .ctx("open-dir", anchor)?,
+            );
+            for name in rest.iter() {
+                let parent = cur.clone();
+                cur.push(name);
+                match rustix::fs::mkdirat(&*fd, name, Mode::from_raw_mode(0o700)) {
+                    Ok(()) => {
+                        made += 1;
+                        parents.insert(parent, fd.clone());
+                    }
+                    // Made before, or by another rank at this moment (it makes it durable too).
+                    Err(Errno::EXIST) => {}
+                    Err(e) => return Err(Error::io("mkdir", &cur, e.into())),
+                }
+                fd = Arc::new(open_below(&fd, name, &cur)?);
+            }
+        }
+        for (p, fd) in parents {
+            failpoints::io("fsio::fsync_dir", &p)?;
+            if syncs() {
+                rustix::fs::fsync(&*fd)
+                    .map_err(io::Error::from)
+                    .ctx("fsync-dir", &p)?;
+            }
+            #[cfg(feature = "failpoints")]
+            crate::powerloss::dir_synced(&p);
+        }
+        Ok(made)
+    }
+
+    /// Open (creating if needed, mode 0600, never truncating) the temporary file `tmp`. Returns
+    /// the file and whether this call created it (its directory entry is not durable yet).
+    pub fn open_temp(&self, tmp: &Path, depth: u16) -> Result<(File, bool)> {
+        let rw = OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        self.at(tmp, depth, "create", |d, n| {
+            match rustix::fs::openat(d, n, rw | OFlags::CREATE | OFlags::EXCL, Mode::from(0o600)) {
+                Ok(f) => Ok((File::from(f), true)),
+                Err(Errno::EXIST) => Ok((
+                    File::from(rustix::fs::openat(d, n, rw, Mode::empty())?),
+                    false,
+                )),
+                Err(e) => Err(e.into()),
+            }
+        })
+    }
+
+    /// Open the existing regular file `path` for reading, not following a symlink.
+    pub fn open_read(&self, path: &Path, depth: u16) -> Result<File> {
+        let fl = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        self.at(path, depth, "open", |d, n| {
+            Ok(File::from(rustix::fs::openat(d, n, fl, Mode::empty())?))
+        })
+    }
+
+    /// `lstat` of `path`; `None` if it does not exist.
+    pub fn stat(&self, path: &Path, depth: u16) -> Result<Option<rustix::fs::Stat>> {
+        match self.at(path, depth, "stat", |d, n| {
+            Ok(rustix::fs::statat(d, n, AtFlags::SYMLINK_NOFOLLOW)?)
+        }) {
+            Ok(st) => Ok(Some(st)),
+            Err(e) if e.class == ErrorClass::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The target of the symlink `path`; `None` if it is missing or not a symlink.
+    pub fn read_link(&self, path: &Path, depth: u16) -> Result<Option<PathBuf>> {
+        match self.at(path, depth, "readlink", |d, n| {
+            Ok(rustix::fs::readlinkat(d, n, Vec::new())?)
+        }) {
+            Ok(t) => Ok(Some(PathBuf::from(OsString::from_vec(t.into_bytes())))),
+            Err(e) if matches!(e.errno, Some(libc::ENOENT) | Some(libc::EINVAL)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Rename `from` to `to`, both in one directory (`to` replaced atomically, a symlink at `to`
+    /// replaced, never followed). The caller fsyncs the directory, in a batch.
+    pub fn rename(&self, from: &Path, to: &Path, depth: u16) -> Result<()> {
+        failpoints::io("fsio::rename", to)?;
+        #[cfg(feature = "failpoints")]
+        let _model = crate::powerloss::op_guard();
+        let from_name = from.file_name().unwrap_or_default();
+        self.at(to, depth, "rename", |d, n| {
+            Ok(rustix::fs::renameat(d, from_name, d, n)?)
+        })
+    }
+
+    /// Remove a file or symlink; a missing one is not an error. Returns whether something was
+    /// removed. The caller fsyncs the directory when the removal must be durable.
+    pub fn remove_file(&self, path: &Path, depth: u16) -> Result<bool> {
+        #[cfg(feature = "failpoints")]
+        let _model = crate::powerloss::op_guard();
+        #[cfg(feature = "failpoints")]
+        crate::powerloss::before_unlink(path);
+        let (parent, name) = split(path)?;
+        let Some(fd) = self.existing_dir(parent, depth.saturating_sub(1) as usize)? else {
+            return Ok(false);
+        };
+        match rustix::fs::unlinkat(&*fd, name, AtFlags::empty()) {
+            Ok(()) => Ok(true),
+            Err(Errno::NOENT) => Ok(false),
+            Err(e) => Err(Error::io("unlink", path, e.into())),
+        }
+    }
+
+    /// Remove the empty directory `path`. `Ok(false)` if it is missing; an error with
+    /// `ENOTEMPTY` if it holds something.
+    pub fn remove_dir(&self, path: &Path, depth: u16) -> Result<bool> {
+        let (parent, name) = split(path)?;
+        let Some(fd) = self.existing_dir(parent, depth.saturating_sub(1) as usize)? else {
+            return Ok(false);
+        };
+        match rustix::fs::unlinkat(&*fd, name, AtFlags::REMOVEDIR) {
+            Ok(()) => Ok(true),
+            Err(Errno::NOENT) => Ok(false),
+            Err(e) => Err(Error::io("rmdir", path, e.into())),
+        }
+    }
+
+    /// Make the entries of directory `dir` (`depth` below its anchor) durable.
+    pub fn fsync_dir(&self, dir: &Path, depth: u16) -> Result<()> {
+        failpoints::io("fsio::fsync_dir", dir)?;
+        let fd = self.open_dir(dir, depth as usize, false)?;
+        if syncs() {
+            rustix::fs::fsync(&*fd)
+                .map_err(io::Error::from)
+                .ctx("fsync-dir", dir)?;
+        }
+        #[cfg(feature = "failpoints")]
+        crate::powerloss::dir_synced(dir);
+        Ok(())
+    }
+
+    /// Make everything written to the file system holding directory `dir` durable (see
+    /// [`super::sync_fs`]).
+    pub fn sync_fs(&self, dir: &Path, depth: u16) -> Result<()> {
+        failpoints::io("fsio::syncfs", dir)?;
+        let fd = self.open_dir(dir, depth as usize, false)?;
+        if syncs() {
+            rustix::fs::syncfs(&*fd)
+                .map_err(io::Error::from)
+                .ctx("fsync", dir)?;
+        }
+        #[cfg(feature = "failpoints")]
+        crate::powerloss::fs_synced();
+        Ok(())
+    }
+
+    /// Give the finished temporary file `tmp` what `meta` says — with `--preserve` its owner and
+    /// extended attributes first, then its mode and time — and with `sync` make it durable;
+    /// without, the caller makes a batch durable with `sync_fs` before the renames. Returns one
+    /// warning, naming `final_name`, for each thing `--preserve` could not keep.
+    pub fn finish_file(
+        &self,
+        tmp: &Path,
+        final_name: &Path,
+        depth: u16,
+        meta: &Meta,
+        sync: bool,
+    ) -> Result<Vec<Error>> {
+        let fl = OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let f = self.at(tmp, depth, "open", |d, n| {
+            Ok(File::from(rustix::fs::openat(d, n, fl, Mode::empty())?))
+        })?;
+        let warnings = set_meta(f.as_fd(), tmp, final_name, meta)?;
+        if sync {
+            sync_all(&f, tmp)?;
+        }
+        Ok(warnings)
+    }
+
+    /// Give directory `dir` what `meta` says and make it durable (its contents are in place).
+    pub fn finish_dir(&self, dir: &Path, depth: u16, meta: &Meta) -> Result<Vec<Error>> {
+        let fd = self.dir(dir, depth)?;
+        let warnings = set_meta(fd.as_fd(), dir, dir, meta)?;
+        failpoints::io("fsio::fsync_dir", dir)?;
+        if syncs() {
+            rustix::fs::fsync(&*fd)
+                .map_err(io::Error::from)
+                .ctx("fsync-dir", dir)?;
+        }
+        #[cfg(feature = "failpoints")]
+        crate::powerloss::dir_synced(dir);
+        Ok(warnings)
+    }
+
+    /// Make the symlink `path` → `target` with modification time `mtime` and, with `kept`, the
+    /// owner and group kept. Returns the warnings (naming `final_name`) of what could not be kept.
+    pub fn symlink(
+        &self,
+        target: &Path,
+        path: &Path,
+        final_name: &Path,
+        depth: u16,
+        mtime: (i64, u32),
+        kept: Option<&Kept>,
+    ) -> Result<Vec<Error>> {
+        self.at(path, depth, "symlink", |d, n| {
+            Ok(rustix::fs::symlinkat(target, d, n)?)
+        })?;
+        let mut warnings = Vec::new();
+        if let Some(k) = kept {
+            warnings.extend(self.at(path, depth, "chown", |d, n| {
+                Ok(k.chown_with(final_name, |uid, gid| {
+                    rustix::fs::chownat(d, n, uid, gid, AtFlags::SYMLINK_NOFOLLOW)
+                }))
+            })?);
+        }
+        let ts = timestamps(mtime);
+        self.at(path, depth, "utimes", |d, n| {
+            Ok(rustix::fs::utimensat(d, n, &ts, AtFlags::SYMLINK_NOFOLLOW)?)
+        })?;
+        Ok(warnings)
+    }
+}
+
+/// Open `name` in directory `fd` as a directory without following a symlink (`path` names it
+/// in errors).
+fn open_below(fd: &OwnedFd, name: &OsStr, path: &Path) -> Result<OwnedFd> {
+    match rustix::fs::openat(fd, name, dir_flags() | OFlags::NOFOLLOW, Mode::empty()) {
+        Ok(f) => Ok(f),
+        Err(e) => {
+            let link = rustix::fs::statat(fd, name, AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| {
+                rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Symlink
+            });
+            if link {
+                Err(linked_dir(path))
+            } else {
+                Err(Error::io("open-dir", path, e.into()))
+            }
+        }
+    }
+}
+
+/// Modification time `mtime`, access time left alone.
+fn timestamps(mtime: (i64, u32)) -> Timestamps {
+    Timestamps {
+        last_access: Timespec {
+            tv_sec: 0,
+            tv_nsec: UTIME_OMIT,
+        },
+        last_modification: Timespec {
+            tv_sec: mtime.0,
+            tv_nsec: mtime.1 as _,
+        },
+    }
+}
+
+/// Owner, group and extended attributes (with `--preserve`; warnings name `shown`), then mode,
+/// then time, on the open file or directory `path`.
+fn set_meta(fd: BorrowedFd<'_>, path: &Path, shown: &Path, meta: &Meta) -> Result<Vec<Error>> {
+    let mut warnings = Vec::new();
+    if let Some(k) = meta.kept {
+        warnings.extend(k.chown_with(shown, |uid, gid| rustix::fs::fchown(fd, uid, gid)));
+        warnings.extend(k.set_xattrs(fd, shown));
+    }
+    rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode & 0o7777))
+        .map_err(io::Error::from)
+        .ctx("chmod", path)?;
+    rustix::fs::futimens(fd, &timestamps(meta.mtime))
+        .map_err(io::Error::from)
+        .ctx("utimes", path)?;
+    Ok(warnings)
+}
