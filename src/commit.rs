@@ -59,21 +59,39 @@ fn warn_all(warnings: Vec<Error>) -> u64 {
     warnings.len() as u64
 }
 
-/// With `--preserve`, what to keep of `ent`'s source (read now); a source whose owner or
-/// attributes cannot be read is one warning more.
-fn kept_of(plan: &Plan, ent: &Entry, warnings: &mut u64) -> Option<Kept> {
-    if !plan.preserve {
+/// What the commit needs of `ent`'s source (read now, through handles from the source's anchor,
+/// from the planned inode): with `--preserve` owner, group and extended attributes; without,
+/// for a file with set-id bits, its owner and group (the bits are kept only with them). Returns
+/// `None` if nothing is needed; a source whose owner cannot be read is one warning more.
+fn source_of(src: &fsio::Tree, plan: &Plan, ent: &Entry, warnings: &mut u64) -> Option<Kept> {
+    let setid = ent.kind == Kind::File && ent.mode & 0o6000 != 0;
+    if !plan.preserve && !setid {
         return None;
     }
-    match Kept::read(&ent.src, ent.kind != Kind::Symlink) {
-        Ok(k) => Some(k),
+    let link = ent.kind == Kind::Symlink;
+    match src.read_source(&ent.src, ent.depth, link, plan.preserve, ent.ino) {
+        Ok((k, w)) => {
+            *warnings += warn_all(w);
+            Some(k)
+        }
         Err(e) => {
             *warnings += warn_all(vec![e.context(format!(
-                "owner, group and extended attributes of '{}' not kept (--preserve)",
+                "owner, group and extended attributes of '{}' not kept",
                 ent.dst.display()
             ))]);
             None
         }
+    }
+}
+
+/// The metadata `ent` gets from `source` (see [`source_of`]).
+fn meta_of<'a>(plan: &Plan, ent: &Entry, source: Option<&'a Kept>) -> fsio::Meta<'a> {
+    fsio::Meta {
+        mode: ent.mode,
+        mtime: ent.mtime,
+        kept: source.filter(|_| plan.preserve),
+        owner: source.map(|k| (k.uid, k.gid)),
+        file: ent.kind == Kind::File,
     }
 }
 
@@ -88,6 +106,7 @@ fn is_file(st: &rustix::fs::Stat) -> bool {
 /// many `--preserve` warnings were logged.
 pub fn finalize_entries(plan: &Plan, me: usize, n: usize) -> Result<u64> {
     let tree = fsio::Tree::new();
+    let src = fsio::Tree::new();
     let mut warnings = 0;
     let mut dirs = BTreeMap::new();
     // Small files get their metadata without an fsync each; one syncfs per file system makes
@@ -105,12 +124,8 @@ pub fn finalize_entries(plan: &Plan, me: usize, n: usize) -> Result<u64> {
         match tree.stat(&tmp, depth)? {
             Some(st) if is_file(&st) => {
                 let small = ent.size < crate::engine::SMALL_UNIT;
-                let kept = kept_of(plan, ent, &mut warnings);
-                let meta = fsio::Meta {
-                    mode: ent.mode,
-                    mtime: ent.mtime,
-                    kept: kept.as_ref(),
-                };
+                let source = source_of(&src, plan, ent, &mut warnings);
+                let meta = meta_of(plan, ent, source.as_ref());
                 warnings += warn_all(tree.finish_file(&tmp, &ent.dst, depth, &meta, !small)?);
                 if small {
                     file_systems.entry(st.st_dev).or_insert((dir, dir_depth));
@@ -154,7 +169,7 @@ pub fn finalize_entries(plan: &Plan, me: usize, n: usize) -> Result<u64> {
         }
         let tmp = crate::engine::temp_path(plan, e);
         tree.remove_file(&tmp, depth)?;
-        let kept = kept_of(plan, ent, &mut warnings);
+        let kept = source_of(&src, plan, ent, &mut warnings);
         warnings +=
             warn_all(tree.symlink(target, &tmp, &ent.dst, depth, ent.mtime, kept.as_ref())?);
         tree.rename(&tmp, &ent.dst, depth)?;
@@ -193,14 +208,13 @@ pub fn check_finals(plan: &Plan, me: usize, n: usize) -> Result<()> {
     }
     for e in owned(plan, me, n, Kind::Symlink) {
         let ent = plan.entry(e);
-        let t = tree
-            .read_link(&ent.dst, ent.dst_depth())?
-            .ok_or_else(|| missing(&ent.dst, "readlink"))?;
-        if Some(&t) != ent.target.as_ref() {
-            return Err(
-                Error::integrity(&ent.dst, "final symlink has another target")
-                    .with_op("commit-check"),
-            );
+        let t = tree.read_link(&ent.dst, ent.dst_depth())?;
+        if t.as_ref() != ent.target.as_ref() {
+            return Err(Error::integrity(
+                &ent.dst,
+                "final symlink is missing or has another target",
+            )
+            .with_op("commit-check"));
         }
     }
     Ok(())
@@ -212,17 +226,14 @@ pub fn check_finals(plan: &Plan, me: usize, n: usize) -> Result<()> {
 /// logged.
 pub fn finish_dirs(plan: &Plan, me: usize, n: usize) -> Result<u64> {
     let tree = fsio::Tree::new();
+    let src = fsio::Tree::new();
     let mut warnings = 0;
     let mine: Vec<usize> = owned(plan, me, n, Kind::Dir).collect();
     let mut parents = BTreeMap::new();
     for &e in mine.iter().rev() {
         let ent = plan.entry(e);
-        let kept = kept_of(plan, ent, &mut warnings);
-        let meta = fsio::Meta {
-            mode: ent.mode,
-            mtime: ent.mtime,
-            kept: kept.as_ref(),
-        };
+        let source = source_of(&src, plan, ent, &mut warnings);
+        let meta = meta_of(plan, ent, source.as_ref());
         warnings += warn_all(tree.finish_dir(&ent.dst, ent.dst_depth(), &meta)?);
         let (p, depth) = parent_at(plan, e);
         parents.insert(p, depth);

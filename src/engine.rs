@@ -82,6 +82,8 @@ pub struct CopyJob<'a> {
     pub retry: RetryPolicy,
     /// Handles of the destination directories (temporary files are made through them).
     pub tree: &'a fsio::Tree,
+    /// Handles of the source directories (sources are opened through them).
+    pub src_tree: &'a fsio::Tree,
 }
 
 /// Copy `units` with `pool`; returns the journal records of the units done. On error the journal
@@ -245,7 +247,10 @@ fn copy_unit(job: &CopyJob, u: u32) -> Result<Copied> {
     let unit = plan.unit(u);
     let e = plan.entry(unit.entry as usize);
     failpoints::io("copy::unit_start", &e.src)?;
-    let src = job.retry.run("open", || open_nofollow(&e.src))?;
+    // Through the source's directory handles: a source directory swapped for a link is refused.
+    let src = job
+        .retry
+        .run("open", || job.src_tree.open_read(&e.src, e.depth))?;
     let md = src.metadata().ctx("stat", &e.src)?;
     if !same_as_planned(&md, e) {
         return Err(changed(e, &md));

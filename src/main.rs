@@ -824,8 +824,8 @@ fn report(sum: &Summary, out: &Output) {
     }
     if sum.not_preserved > 0 {
         eprintln!(
-            "ferry: warning: {} owner, group or extended-attribute change(s) could not be made \
-             (--preserve); each is named above",
+            "ferry: warning: {} owner, group, extended-attribute or set-id change(s) could not \
+             be made; each is named above",
             sum.not_preserved
         );
     }

@@ -2,7 +2,8 @@
 //! `system.posix_acl_*` attributes) of each source, kept at its destination.
 //!
 //! They are read from the source when the commit finishes the file (the source is still there:
-//! sources are removed only after the commit), and set on the temporary file before its final
+//! sources are removed only after the commit) — through directory handles from the source's
+//! anchor, from the very inode that was copied — and set on the temporary file before its final
 //! mode and its rename, so the final name never shows the file with the wrong owner. Setting
 //! them may not be permitted (an unprivileged user cannot give a file away; the destination file
 //! system may not take an attribute): each thing not kept is returned as a warning naming the
@@ -13,13 +14,12 @@ use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::BorrowedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use rustix::fs::{Gid, Uid, XattrFlags};
 use rustix::io::Errno;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::Error;
 
 /// What `--preserve` keeps of one source.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -33,19 +33,41 @@ pub struct Kept {
 }
 
 impl Kept {
-    /// Read owner and group of `src` (not following a final symlink) and, with `xattrs`, its
-    /// extended attributes.
-    pub fn read(src: &Path, xattrs: bool) -> Result<Kept> {
-        let md = std::fs::symlink_metadata(src).ctx("stat", src)?;
-        Ok(Kept {
-            uid: md.uid(),
-            gid: md.gid(),
-            xattrs: if xattrs {
-                read_xattrs(src)?
-            } else {
-                Vec::new()
-            },
-        })
+    /// Owner and group from `st`, and with `xattrs` the extended attributes of the open source
+    /// `fd` (`path` names it). An attribute that cannot be read is a warning, and the others are
+    /// kept.
+    pub fn of(
+        fd: Option<BorrowedFd<'_>>,
+        st: &rustix::fs::Stat,
+        path: &Path,
+    ) -> (Kept, Vec<Error>) {
+        let mut k = Kept {
+            uid: st.st_uid,
+            gid: st.st_gid,
+            xattrs: Vec::new(),
+        };
+        let mut warnings = Vec::new();
+        if let Some(fd) = fd {
+            match read_xattrs(fd) {
+                Ok((found, errors)) => {
+                    k.xattrs = found;
+                    for (name, e) in errors {
+                        let what = format!(
+                            "extended attribute '{}' not kept, it cannot be read",
+                            name.to_string_lossy()
+                        );
+                        warnings.push(warning("getxattr", path, e, &what));
+                    }
+                }
+                Err(e) => warnings.push(warning(
+                    "listxattr",
+                    path,
+                    e,
+                    "extended attributes not kept, they cannot be listed",
+                )),
+            }
+        }
+        (k, warnings)
     }
 
     /// Give a destination the owner and group through `chown` (an `fchown` or `fchownat`).
@@ -92,31 +114,33 @@ fn warning(op: &str, path: &Path, e: Errno, what: &str) -> Error {
     err
 }
 
-/// The extended attributes of `src` itself (not following a final symlink); none where the
-/// file system has none.
-fn read_xattrs(src: &Path) -> Result<Vec<(OsString, Vec<u8>)>> {
+/// The extended attributes of the open file `fd` (none where the file system has none), and
+/// the names of those that could not be read, with their errors.
+type Xattrs = (Vec<(OsString, Vec<u8>)>, Vec<(OsString, Errno)>);
+
+fn read_xattrs(fd: BorrowedFd<'_>) -> rustix::io::Result<Xattrs> {
     let names = match read_sized(
-        || rustix::fs::llistxattr_query(src),
-        |buf| rustix::fs::llistxattr(src, buf),
+        || rustix::fs::flistxattr_query(fd),
+        |buf| rustix::fs::flistxattr(fd, buf),
     ) {
         Ok(n) => n,
-        Err(Errno::OPNOTSUPP) => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io("listxattr", src, e.into())),
+        Err(Errno::OPNOTSUPP) => return Ok((Vec::new(), Vec::new())),
+        Err(e) => return Err(e),
     };
-    let mut out = Vec::new();
+    let (mut found, mut failed) = (Vec::new(), Vec::new());
     for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
         let name = OsStr::from_bytes(name);
         match read_sized(
-            || rustix::fs::lgetxattr_query(src, name),
-            |buf| rustix::fs::lgetxattr(src, name, buf),
+            || rustix::fs::fgetxattr_query(fd, name),
+            |buf| rustix::fs::fgetxattr(fd, name, buf),
         ) {
-            Ok(v) => out.push((name.to_os_string(), v)),
+            Ok(v) => found.push((name.to_os_string(), v)),
             // Removed since it was listed.
             Err(Errno::NODATA) => {}
-            Err(e) => return Err(Error::io("getxattr", src, e.into())),
+            Err(e) => failed.push((name.to_os_string(), e)),
         }
     }
-    Ok(out)
+    Ok((found, failed))
 }
 
 /// A variable-sized value read by `get` into a buffer of the size `query` gives, tried again if
@@ -150,12 +174,15 @@ mod tests {
         std::fs::write(&a, b"x").unwrap();
         std::fs::write(&b, b"y").unwrap();
         rustix::fs::setxattr(&a, "user.ferry.test", b"value", XattrFlags::empty()).unwrap();
-        let k = Kept::read(&a, true).unwrap();
+        use std::os::fd::AsFd;
+        let fa = std::fs::File::open(&a).unwrap();
+        let st = rustix::fs::fstat(&fa).unwrap();
+        let (k, warnings) = Kept::of(Some(fa.as_fd()), &st, &a);
+        assert!(warnings.is_empty());
         assert!(k
             .xattrs
             .contains(&("user.ferry.test".into(), b"value".to_vec())));
         let f = std::fs::File::open(&b).unwrap();
-        use std::os::fd::AsFd;
         assert!(k.set_xattrs(f.as_fd(), &b).is_empty());
         let got = read_sized(
             || rustix::fs::getxattr_query(&b, "user.ferry.test"),

@@ -116,6 +116,50 @@ impl TransferDir {
     }
 }
 
+/// Check that `dir`, which holds transfer state, is a real directory (not a symbolic link) of
+/// the user who runs ferry, writable by no one else: otherwise someone else could change (or,
+/// through a link, redirect) a transfer's plan and records. `hint` says what to do instead.
+pub fn check_private(dir: &Path, hint: &str) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let md = fs::symlink_metadata(dir).ctx("lstat", dir)?;
+    let me = rustix::process::geteuid().as_raw();
+    let why = if md.file_type().is_symlink() {
+        let to = fs::read_link(dir).unwrap_or_default();
+        Some(format!("is a symbolic link (to '{}')", to.display()))
+    } else if !md.is_dir() {
+        Some("is not a directory".to_string())
+    } else if md.uid() != me {
+        Some(format!(
+            "belongs to uid {}, not to this user (uid {me})",
+            md.uid()
+        ))
+    } else if md.mode() & 0o022 != 0 {
+        Some(format!(
+            "is writable by others (mode {:o})",
+            md.mode() & 0o7777
+        ))
+    } else {
+        None
+    };
+    // A file where the directory should be is a mistake of the command line, not an intrusion.
+    let class = if md.is_file() {
+        ErrorClass::Usage
+    } else {
+        ErrorClass::Permission
+    };
+    match why {
+        None => Ok(()),
+        Some(why) => Err(Error::new(
+            class,
+            format!(
+                "the directory for transfer state {why}; refusing to keep state there ({hint})"
+            ),
+        )
+        .with_op("lstat")
+        .with_path(dir)),
+    }
+}
+
 /// Create the state directory tree privately (0700).
 pub fn create_private_dir(dir: &Path) -> Result<()> {
     if dir.is_dir() {
@@ -691,6 +735,32 @@ pub struct SourcesRemoved {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_must_be_kept_in_a_private_directory_of_this_user() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = tempfile::tempdir().unwrap();
+        let d = base.path().join("state");
+        create_private_dir(&d).unwrap();
+        check_private(&d, "hint").unwrap();
+        // Open to others.
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o777)).unwrap();
+        let err = check_private(&d, "hint").unwrap_err();
+        assert_eq!(err.class, ErrorClass::Permission);
+        assert!(err.to_string().contains("writable by others"), "{err}");
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o700)).unwrap();
+        // A symlink in its place (a planted DST/.ferry).
+        let link = base.path().join("link");
+        std::os::unix::fs::symlink(&d, &link).unwrap();
+        let err = check_private(&link, "hint").unwrap_err();
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        // Someone else's (only root can make one here).
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(&d, Some(4321), None).unwrap();
+            let err = check_private(&d, "hint").unwrap_err();
+            assert!(err.to_string().contains("belongs to uid 4321"), "{err}");
+        }
+    }
 
     #[test]
     fn framed_records_detect_damage() {

@@ -424,6 +424,9 @@ fn resolve_pairs(opts: &CopyOptions) -> Result<(Layout, Vec<Root>, (PathBuf, OsS
 
 /// Remove what [`setup_new_transfer`] made for a transfer that never got a plan: its directory,
 /// its registry entry, and the directories `made` for it (deepest first, only if empty).
+/// What to do about a state directory that is not private (see [`state::check_private`]).
+const PRIVATE_HINT: &str = "give a private directory of yours with --state-dir";
+
 fn undo_setup(td: &TransferDir, made: &[PathBuf], register: bool) {
     let _ = std::fs::remove_dir_all(&td.path);
     if register {
@@ -460,7 +463,9 @@ fn setup_new_transfer(
             } else {
                 default_state_dir(dst.0.as_os_str(), dest_is_dir)
             };
-            plan::absolute(&d)?
+            // `.ferry` itself is not resolved: a link planted there is refused below, never
+            // followed.
+            plan::absolute(fsio::parent_of(&d))?.join(".ferry")
         }
     };
     let td = TransferDir::new(&state_dir, &id);
@@ -476,6 +481,7 @@ fn setup_new_transfer(
     let existed = td.path.exists();
     let res = (|| {
         state::create_private_dir(&state_dir)?;
+        state::check_private(&state_dir, PRIVATE_HINT)?;
         make_transfer_dir(&td, &state_dir)?;
         Lock::acquire(&td)
     })();
@@ -588,6 +594,7 @@ pub fn resume(
     let mut lock = None;
     let located = from_root(comm, || {
         let td = state::locate(id, state_dir)?;
+        state::check_private(fsio::parent_of(&td.path), PRIVATE_HINT)?;
         lock = Some(Lock::acquire(&td)?);
         Ok((crate::pathser::encode(&td.path), td.id))
     })?;
@@ -1087,6 +1094,7 @@ fn run_phases(
         progress,
         retry: run.retry,
         tree: &tree,
+        src_tree: &fsio::Tree::new(),
     };
     let copied = engine::copy_units(&job, &pool, &work.copy);
     let copied = agree(comm, copied)?;

@@ -353,7 +353,7 @@ fn absolute(p: &Path) -> PathBuf {
 fn new_xfer(td: &TransferDir, files: &[File], state_file: Option<&Path>) -> ferry::Result<Xfer> {
     let dir = ferry::fsio::parent_of(&td.path);
     ferry::state::create_private_dir(dir)?;
-    check_private(dir, my_uid())?;
+    check_private(dir)?;
     let mut x = Xfer::create(&td.id, ferry::fsio::parent_of(&td.path))?;
     for f in files {
         x.add(&f.src, &f.dst)?;
@@ -368,34 +368,11 @@ fn new_xfer(td: &TransferDir, files: &[File], state_file: Option<&Path>) -> ferr
 /// The directory that holds ferry's journals must be this user's own, a real directory, and
 /// writable by no one else: one that already existed belonging to another user (a shared
 /// `/tmp`), or open to others, would let them change a transfer's state.
-fn check_private(dir: &Path, uid: u32) -> ferry::Result<()> {
-    let md = std::fs::symlink_metadata(dir).map_err(|e| ferry::Error::io("lstat", dir, e))?;
-    let why = if !md.is_dir() {
-        Some("is not a directory (a symbolic link?)".to_string())
-    } else if md.uid() != uid {
-        Some(format!(
-            "belongs to uid {}, not to this user (uid {uid})",
-            md.uid()
-        ))
-    } else if md.mode() & 0o022 != 0 {
-        Some(format!(
-            "is writable by others (mode {:o})",
-            md.mode() & 0o7777
-        ))
-    } else {
-        None
-    };
-    match why {
-        None => Ok(()),
-        Some(why) => Err(ferry::Error::new(
-            ferry::ErrorClass::Permission,
-            format!(
-                "the directory for transfer state {why}; refusing to keep state there (set \
-                 FERRY_AXL_STATE_DIR to a private directory, or give a state file)"
-            ),
-        )
-        .with_path(dir)),
-    }
+fn check_private(dir: &Path) -> ferry::Result<()> {
+    ferry::state::check_private(
+        dir,
+        "set FERRY_AXL_STATE_DIR to a private directory, or give a state file",
+    )
 }
 
 impl Handle {
@@ -645,7 +622,7 @@ fn reload(xtype: i32, name: Vec<u8>, f: &Path) -> Result<i32, String> {
     // directory to open or remove), and it must be this user's private directory.
     let td = ferry_dir(Some(f), id);
     if td.path.exists() {
-        check_private(ferry::fsio::parent_of(&td.path), my_uid()).map_err(|e| e.to_string())?;
+        check_private(ferry::fsio::parent_of(&td.path)).map_err(|e| e.to_string())?;
     }
     let planned = td.file(ferry::state::names::PLAN).exists();
     let (phase, xfer) = match state {
@@ -1218,39 +1195,4 @@ pub extern "C" fn AXL_Stop() -> c_int {
 /// Set this process's rank (messages name it); `libaxl_mpi`'s `AXL_Init_comm` calls it.
 pub fn set_rank(rank: i32) {
     lock(&OPTIONS).rank = rank;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::unix::fs::PermissionsExt;
-
-    #[test]
-    fn the_journal_directory_must_be_private_and_this_users() {
-        let d = std::env::temp_dir().join(format!("ferry-axl-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        ferry::state::create_private_dir(&d).unwrap();
-        let me = my_uid();
-        check_private(&d, me).unwrap();
-        // Someone else's (as another uid sees it).
-        let err = check_private(&d, me + 1).unwrap_err();
-        assert_eq!(err.class, ferry::ErrorClass::Permission);
-        assert!(err.to_string().contains("belongs to uid"), "{err}");
-        // Open to others.
-        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777)).unwrap();
-        assert!(check_private(&d, me)
-            .unwrap_err()
-            .to_string()
-            .contains("writable by others"));
-        // A symlink in its place.
-        let link = d.with_extension("link");
-        let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(&d, &link).unwrap();
-        assert!(check_private(&link, me)
-            .unwrap_err()
-            .to_string()
-            .contains("not a directory"));
-        std::fs::remove_file(&link).unwrap();
-        std::fs::remove_dir_all(&d).unwrap();
-    }
 }

@@ -43,6 +43,11 @@ pub struct Meta<'a> {
     pub mtime: (i64, u32),
     /// Owner, group and extended attributes to set first (`--preserve`).
     pub kept: Option<&'a Kept>,
+    /// A regular file's source owner and group, if known: its set-user-ID (set-group-ID) bit is
+    /// kept only if the copy has the same owner (group); unknown, both are dropped.
+    pub owner: Option<(u32, u32)>,
+    /// Whether the set-id rule applies (regular files).
+    pub file: bool,
 }
 
 /// Directory handles of one phase of a run (see the module documentation).
@@ -221,8 +226,8 @@ impl Tree {
     /// Open (creating if needed, mode 0600, never truncating) the temporary file `tmp`. Returns
     /// the file and whether this call created it (its directory entry is not durable yet).
     pub fn open_temp(&self, tmp: &Path, depth: u16) -> Result<(File, bool)> {
-        let rw = OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        self.at(tmp, depth, "create", |d, n| {
+        let rw = OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
+        let (f, created) = self.at(tmp, depth, "create", |d, n| {
             match rustix::fs::openat(d, n, rw | OFlags::CREATE | OFlags::EXCL, Mode::from(0o600)) {
                 Ok(f) => Ok((File::from(f), true)),
                 Err(Errno::EXIST) => Ok((
@@ -231,12 +236,45 @@ impl Tree {
                 )),
                 Err(e) => Err(e.into()),
             }
-        })
+        })?;
+        if !created {
+            self.own_temp(&f, tmp, depth, None)?;
+        }
+        Ok((f, created))
     }
 
-    /// Open the existing regular file `path` for reading, not following a symlink.
+    /// Check that the open temporary file `f` is one ferry made: a regular file with one link,
+    /// owned by this user (or, once `--preserve` gave it away, by `given`). Anything else was
+    /// put there behind ferry's back (a file of someone who can write the directory, a hard link
+    /// to a file elsewhere): its name is removed, never written, changed or renamed, and the
+    /// transfer stops with `integrity`; a resume copies the file again.
+    fn own_temp(&self, f: &File, tmp: &Path, depth: u16, given: Option<u32>) -> Result<()> {
+        let st = rustix::fs::fstat(f)
+            .map_err(io::Error::from)
+            .ctx("stat", tmp)?;
+        let me = rustix::process::geteuid().as_raw();
+        let regular =
+            rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile;
+        if regular && st.st_nlink == 1 && (st.st_uid == me || Some(st.st_uid) == given) {
+            return Ok(());
+        }
+        self.remove_file(tmp, depth)?;
+        Err(Error::integrity(
+            tmp,
+            format!(
+                "a file ferry did not make was at this temporary name (owner uid {}, {} link(s)); \
+                 its name was removed, nothing was written to it — `ferry resume` copies the file \
+                 again",
+                st.st_uid, st.st_nlink
+            ),
+        )
+        .with_op("open"))
+    }
+
+    /// Open the regular file `path` for reading, not following a symlink at it or at any
+    /// directory below its anchor.
     pub fn open_read(&self, path: &Path, depth: u16) -> Result<File> {
-        let fl = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fl = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
         self.at(path, depth, "open", |d, n| {
             Ok(File::from(rustix::fs::openat(d, n, fl, Mode::empty())?))
         })
@@ -349,10 +387,11 @@ impl Tree {
         meta: &Meta,
         sync: bool,
     ) -> Result<Vec<Error>> {
-        let fl = OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fl = OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
         let f = self.at(tmp, depth, "open", |d, n| {
             Ok(File::from(rustix::fs::openat(d, n, fl, Mode::empty())?))
         })?;
+        self.own_temp(&f, tmp, depth, meta.kept.map(|k| k.uid))?;
         let warnings = set_meta(f.as_fd(), tmp, final_name, meta)?;
         if sync {
             sync_all(&f, tmp)?;
@@ -373,6 +412,45 @@ impl Tree {
         #[cfg(feature = "failpoints")]
         crate::powerloss::dir_synced(dir);
         Ok(warnings)
+    }
+
+    /// Owner and group of the source `path` (`depth` below its anchor; a symlink's own with
+    /// `link`) and with `xattrs` its extended attributes, read through directory handles from
+    /// the very inode `ino` that was planned (0: not known). Returns them with warnings for
+    /// attributes that could not be read; an error if the source is gone, reached through a
+    /// link, or another file now.
+    pub fn read_source(
+        &self,
+        path: &Path,
+        depth: u16,
+        link: bool,
+        xattrs: bool,
+        ino: u64,
+    ) -> Result<(Kept, Vec<Error>)> {
+        let (st, fd) = if link {
+            let st = self.at(path, depth, "stat", |d, n| {
+                Ok(rustix::fs::statat(d, n, AtFlags::SYMLINK_NOFOLLOW)?)
+            })?;
+            (st, None)
+        } else {
+            let fl = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
+            let fd = self.at(path, depth, "open", |d, n| {
+                Ok(rustix::fs::openat(d, n, fl, Mode::empty())?)
+            })?;
+            let st = rustix::fs::fstat(&fd)
+                .map_err(io::Error::from)
+                .ctx("stat", path)?;
+            (st, Some(fd))
+        };
+        if ino != 0 && st.st_ino != ino {
+            return Err(Error::integrity(
+                path,
+                "the source is not the file that was copied any more (another inode)",
+            )
+            .with_op("stat"));
+        }
+        let fd = fd.as_ref().filter(|_| xattrs).map(|f| f.as_fd());
+        Ok(Kept::of(fd, &st, path))
     }
 
     /// Make the symlink `path` → `target` with modification time `mtime` and, with `kept`, the
@@ -445,7 +523,41 @@ fn set_meta(fd: BorrowedFd<'_>, path: &Path, shown: &Path, meta: &Meta) -> Resul
         warnings.extend(k.chown_with(shown, |uid, gid| rustix::fs::fchown(fd, uid, gid)));
         warnings.extend(k.set_xattrs(fd, shown));
     }
-    rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode & 0o7777))
+    let mut mode = meta.mode & 0o7777;
+    if meta.file && mode & 0o6000 != 0 {
+        // A set-id bit belongs with its owner: a copy owned by someone else must not run as them.
+        let st = rustix::fs::fstat(fd)
+            .map_err(io::Error::from)
+            .ctx("stat", path)?;
+        let drop = match meta.owner {
+            Some((uid, gid)) => {
+                let u = if st.st_uid != uid { 0o4000 } else { 0 };
+                let g = if st.st_gid != gid { 0o2000 } else { 0 };
+                (u | g) & mode
+            }
+            None => mode & 0o6000,
+        };
+        if drop != 0 {
+            mode &= !drop;
+            let owner = meta
+                .owner
+                .map_or("unknown".to_string(), |(u, g)| format!("{u}:{g}"));
+            warnings.push(
+                Error::new(
+                    ErrorClass::Permission,
+                    format!(
+                        "set-id bits {drop:04o} dropped: the copy belongs to {}:{}, the source \
+                         to {owner} (they are kept only with their owner; --preserve keeps owners \
+                         where permitted)",
+                        st.st_uid, st.st_gid
+                    ),
+                )
+                .with_op("chmod")
+                .with_path(shown),
+            );
+        }
+    }
+    rustix::fs::fchmod(fd, Mode::from_raw_mode(mode))
         .map_err(io::Error::from)
         .ctx("chmod", path)?;
     rustix::fs::futimens(fd, &timestamps(meta.mtime))

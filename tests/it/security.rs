@@ -372,12 +372,20 @@ fn root_with_preserve_keeps_owners_groups_xattrs_and_acls_in_another_users_tree(
         .iter()
         .any(|(n, _)| n == "system.posix_acl_access"));
 
-    // Without --preserve the copy belongs to whoever ran it; modes and times are still kept.
-    expect_code(&s.run(&["copy", "src", "proj/plain"]), 0);
+    // Without --preserve the copy belongs to whoever ran it; modes and times are still kept,
+    // but a set-user-ID bit never goes to a file of another owner than the source's.
+    let o = s.run(&["copy", "src", "proj/plain"]);
+    expect_code(&o, 0);
     let (uid, _, mode) = owner_mode(&s.path("proj/plain/acl.dat"));
     assert_eq!(uid, 0);
     assert_eq!(mode, owner_mode(&s.path("src/acl.dat")).2);
     assert!(xattrs(&s.path("proj/plain/a.dat")).is_empty());
+    assert_eq!(owner_mode(&s.path("proj/plain/a.dat")).2, 0o750);
+    let err = stderr(&o);
+    assert!(
+        err.contains("proj/plain/a.dat") && err.contains("set-id bits 4000 dropped"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -407,6 +415,9 @@ fn an_unprivileged_run_with_preserve_warns_per_file_it_cannot_give_away() {
     for p in ["src/root.dat", "src/mine.dat", "src/sub/deep.dat"] {
         fs::set_permissions(at(p), fs::Permissions::from_mode(0o644)).unwrap();
     }
+    // A set-user-ID program of root's: its copy, which root will not own, must not keep the bit.
+    write_file(&at("src/suid"), 100, &mut r);
+    fs::set_permissions(at("src/suid"), fs::Permissions::from_mode(0o4755)).unwrap();
     chown(at("src/mine.dat"), Some(NOBODY), Some(NOBODY)).unwrap();
     for d in ["out", "home"] {
         fs::create_dir(at(d)).unwrap();
@@ -431,6 +442,7 @@ fn an_unprivileged_run_with_preserve_warns_per_file_it_cannot_give_away() {
         "out/dst/root.dat",
         "out/dst/sub'",
         "out/dst/sub/deep.dat",
+        "out/dst/suid'",
     ] {
         let line = err
             .lines()
@@ -443,7 +455,16 @@ fn an_unprivileged_run_with_preserve_warns_per_file_it_cannot_give_away() {
     }
     assert!(!err.contains("mine.dat"), "{err}");
     assert!(
-        err.contains("4 owner, group or extended-attribute change(s)"),
+        err.lines()
+            .any(|l| l.contains("out/dst/suid") && l.contains("set-id bits 4000 dropped")),
+        "{err}"
+    );
+    assert_eq!(owner_mode(&at("out/dst/suid")), (NOBODY, NOBODY, 0o755));
+    fs::remove_file(at("src/suid")).unwrap();
+    fs::remove_file(at("out/dst/suid")).unwrap();
+    // root.dat, sub, sub/deep.dat, the top directory, suid (owner), suid (its set-id bit).
+    assert!(
+        err.contains("6 owner, group, extended-attribute or set-id change(s)"),
         "{err}"
     );
     assert_same_tree(&at("src"), &at("out/dst"));
@@ -475,4 +496,79 @@ fn with_several_sources_a_planted_link_at_dst_name_is_refused() {
     expect_code(&s.run(&["copy", "src", "other", "dst"]), 0);
     assert_same_tree(&s.path("src"), &s.path("dst/src"));
     assert_same_tree(&s.path("other"), &s.path("dst/other"));
+}
+
+#[test]
+fn a_hard_link_planted_at_a_temporary_name_is_never_written_through() {
+    let s = Scratch::new();
+    tree(&s);
+    fs::create_dir_all(s.path("dst")).unwrap();
+    // The temporary name of top.dat (entry 5 of the plan: src, sub, sub/b.dat, sub/deeper,
+    // sub/deeper/a.dat, top.dat), linked to a file outside before the copy starts.
+    fs::hard_link(s.path("outside/canary"), s.path("dst/.ferry-hl-5.tmp")).unwrap();
+    let o = s.run(&["copy", "--id", "hl", "src", "dst"]);
+    expect_code(&o, 8);
+    assert!(
+        stderr(&o).contains("a file ferry did not make"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(fs::read(s.path("outside/canary")).unwrap(), b"canary");
+    // Its name was removed; the resume copies the file again.
+    expect_code(&s.run(&["resume", "hl"]), 0);
+    assert_same_tree(&s.path("src"), &s.path("dst"));
+    assert_eq!(fs::read(s.path("outside/canary")).unwrap(), b"canary");
+}
+
+#[test]
+fn a_state_directory_planted_as_a_link_in_the_destination_is_refused() {
+    let s = Scratch::new();
+    tree(&s);
+    fs::create_dir_all(s.path("dst")).unwrap();
+    // DST/.ferry, where the transfer's state goes by default, points elsewhere.
+    symlink(s.path("outside"), s.path("dst/.ferry")).unwrap();
+    let o = s.run(&["copy", "src", "dst"]);
+    expect_code(&o, 6);
+    assert!(
+        stderr(&o).contains("dst/.ferry") && stderr(&o).contains("symbolic link"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(names(&s.path("outside")), ["canary"]);
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_source_directory_swapped_for_a_symlink_while_copying_is_never_read_through() {
+    let s = Scratch::new();
+    tree(&s);
+    // What the link will point at holds look-alikes of the planned sources: same names, sizes
+    // and mtimes, other bytes (another user's files the attacker wants copied out).
+    for (rel, alike) in [
+        ("sub/b.dat", "outside/b.dat"),
+        ("sub/deeper/a.dat", "outside/deeper/a.dat"),
+    ] {
+        let planned = fs::metadata(s.path(&format!("src/{rel}"))).unwrap();
+        fs::create_dir_all(s.path(alike).parent().unwrap()).unwrap();
+        fs::write(s.path(alike), vec![b'x'; planned.len() as usize]).unwrap();
+        fs::File::options()
+            .write(true)
+            .open(s.path(alike))
+            .unwrap()
+            .set_modified(planned.modified().unwrap())
+            .unwrap();
+    }
+    let o = tampered_at(
+        &s,
+        "copy::unit_start",
+        &["copy", "--id", "srcswap", "--threads", "1", "src", "dst"],
+        || swap_for_link(&s, "src/sub"),
+    );
+    expect_code(&o, 6);
+    let err = stderr(&o);
+    assert!(
+        err.contains("src/sub") && err.contains("symbolic link"),
+        "{err}"
+    );
+    assert!(!s.path("dst/sub/b.dat").exists(), "nothing committed");
 }
