@@ -84,6 +84,9 @@ impl Kept {
             Err(e) => {
                 let what = if chown(None, Some(gid)).is_ok() {
                     format!("owner {} not kept", self.uid)
+                } else if self.uid == rustix::process::geteuid().as_raw() {
+                    // The file is this user's already: only the group is missing.
+                    format!("group {} not kept", self.gid)
                 } else {
                     format!("owner and group {}:{} not kept", self.uid, self.gid)
                 };
@@ -93,9 +96,26 @@ impl Kept {
     }
 
     /// Set every extended attribute on the open destination `fd`; returns a warning for each
-    /// one refused.
+    /// one refused. An ACL the destination inherited from its directory's default ACL, where the
+    /// source has none, is removed: the copy gets the source's permissions, no more.
     pub fn set_xattrs(&self, fd: BorrowedFd<'_>, path: &Path) -> Vec<Error> {
         let mut out = Vec::new();
+        for acl in ["system.posix_acl_access", "system.posix_acl_default"] {
+            if self.xattrs.iter().any(|(n, _)| n == acl) {
+                continue;
+            }
+            match rustix::fs::fremovexattr(fd, acl) {
+                Ok(()) | Err(Errno::NODATA) | Err(Errno::OPNOTSUPP) => {}
+                // A file (not a directory) has no default ACL to remove.
+                Err(Errno::ACCESS) | Err(Errno::INVAL) if acl.ends_with("default") => {}
+                Err(e) => out.push(warning(
+                    "removexattr",
+                    path,
+                    e,
+                    &format!("inherited '{acl}' not removed"),
+                )),
+            }
+        }
         for (name, value) in &self.xattrs {
             if let Err(e) = rustix::fs::fsetxattr(fd, name.as_os_str(), value, XattrFlags::empty())
             {
