@@ -354,6 +354,23 @@ mod imp {
         Error::new(crate::error::ErrorClass::Internal, format!("HDF5: {e}")).with_path(path)
     }
 
+    /// Remove whatever is at `path` (a file, or a symlink itself), so it can be made anew.
+    fn fresh(path: &Path) -> Result<()> {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).ctx("unlink", path),
+            _ => Ok(()),
+        }
+    }
+
+    /// A new file at `path` (O_EXCL: never an existing one, never through a symlink).
+    fn create_new(path: &Path) -> Result<std::fs::File> {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .ctx("create", path)
+    }
+
     pub fn generate(dir: &Path, spec: &GenSpec) -> Result<u64> {
         let rd = dir.join(format!("rank{}", spec.rank));
         crate::fsio::create_dirs(&rd)?;
@@ -365,7 +382,10 @@ mod imp {
         let field = (spec.bytes * 85 / 100 / 3 / 8).max(64) as usize;
         let small = (spec.bytes * 10 / 100 / 48 / 8).max(16) as usize;
         let plain = (spec.bytes * 5 / 100).max(1024) as usize;
-        let f = hdf5::File::create(&path).map_err(e)?;
+        // Each output replaces what is at its name, never writes through a link planted there:
+        // the old name is removed, the new file made with O_EXCL (which a symlink fails).
+        fresh(&path)?;
+        let f = hdf5::File::create_excl(&path).map_err(e)?;
         f.new_attr::<u64>()
             .create("step")
             .and_then(|a| a.write_scalar(&(spec.seed % 1000)))
@@ -420,9 +440,13 @@ mod imp {
             c.copy_from_slice(&v[..c.len()]);
         }
         let restart = rd.join("restart.bin");
-        std::fs::write(&restart, &blob).ctx("write", &restart)?;
+        fresh(&restart)?;
+        create_new(&restart)?
+            .write_all(&blob)
+            .ctx("write", &restart)?;
         let log = rd.join("run.log");
-        let mut l = std::fs::File::create(&log).ctx("create", &log)?;
+        fresh(&log)?;
+        let mut l = create_new(&log)?;
         for step in 0..64 {
             writeln!(
                 l,

@@ -576,3 +576,26 @@ fn a_source_directory_swapped_for_a_symlink_while_copying_is_never_read_through(
     );
     assert!(!s.path("dst/sub/b.dat").exists(), "nothing committed");
 }
+
+#[cfg(feature = "hdf5")]
+#[test]
+fn ferry_gen_replaces_links_planted_at_its_outputs_never_writes_through_them() {
+    let s = Scratch::new();
+    fs::create_dir_all(s.path("gen/rank0")).unwrap();
+    fs::create_dir_all(s.path("outside")).unwrap();
+    fs::write(s.path("outside/canary"), b"canary").unwrap();
+    for name in ["ckpt.h5", "restart.bin", "run.log"] {
+        symlink(
+            s.path("outside/canary"),
+            s.path(&format!("gen/rank0/{name}")),
+        )
+        .unwrap();
+    }
+    expect_code(&s.run(&["gen", "gen", "--size", "1MiB", "--seed", "4"]), 0);
+    assert_eq!(fs::read(s.path("outside/canary")).unwrap(), b"canary");
+    for name in ["ckpt.h5", "restart.bin", "run.log"] {
+        assert!(fs::symlink_metadata(s.path(&format!("gen/rank0/{name}")))
+            .unwrap()
+            .is_file());
+    }
+}
