@@ -288,11 +288,25 @@ mod declared {
     use super::DECLARED;
     use std::collections::BTreeSet;
 
+    /// Every file below `dir`, modules in subdirectories (`src/fsio/tree.rs`) included.
+    fn files_below(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                files_below(&p, out);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+
     fn named_in_source() -> BTreeSet<String> {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        files_below(&dir, &mut files);
         let mut out = BTreeSet::new();
-        for e in std::fs::read_dir(dir).unwrap() {
-            let text = std::fs::read_to_string(e.unwrap().path()).unwrap_or_default();
+        for path in files {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
             for pat in ["failpoints::hit(\"", "failpoints::io(\""] {
                 for (at, _) in text.match_indices(pat) {
                     let rest = &text[at + pat.len()..];

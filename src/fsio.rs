@@ -3,17 +3,19 @@
 //!
 //! The recipe for everything ferry must not lose is the classic one: write under a temporary name,
 //! fsync the data, rename to the final name, fsync the parent directory. This module offers that
-//! recipe ([`write_atomic`]) and its pieces ([`sync_data`], [`rename`], [`fsync_dir`], and
-//! [`sync_fs`] for many small files at once) to the
-//! engine, the journal and the commit; no other module may rename or sync. A failed fsync is
+//! recipe ([`write_atomic`]) and its pieces ([`sync_data`], [`rename`], [`fsync_dir`]) to the
+//! state files, and through [`Tree`] — directory handles that never follow a symlink below a
+//! transfer's anchor, with `syncfs` for many small files at once — to the engine, the journal
+//! and the commit; no other module may rename or sync. A failed fsync is
 //! returned as an error and never retried: the caller stops and resume redoes the work.
 //! Nothing here runs in `Drop`.
 
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStringExt;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -51,7 +53,7 @@ pub fn sync_data(f: &File, path: &Path) -> Result<()> {
 
 /// Start writing `len` bytes at `offset` of `f` back to the device, without waiting
 /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`). Not a durability step — only [`sync_data`] or
-/// [`sync_fs`] make data durable — but it keeps a large unit's dirty pages flowing to the disk
+/// [`Tree::sync_fs`] make data durable — but it keeps a large unit's dirty pages flowing to the disk
 /// while the next buffers are copied, so its fsync finds little left to do.
 pub fn start_writeback(f: &File, offset: u64, len: u64) {
     if !syncs() {
@@ -83,28 +85,19 @@ pub fn sync_all(f: &File, path: &Path) -> Result<()> {
 pub fn fsync_dir(dir: &Path) -> Result<()> {
     failpoints::io("fsio::fsync_dir", dir)?;
     let d = File::open(dir).ctx("open-dir", dir)?;
+    fsync_dir_fd(d.as_fd(), dir)
+}
+
+/// Make the entries of the open directory `fd` (named `dir`) durable; the caller has passed the
+/// `fsio::fsync_dir` failpoint.
+fn fsync_dir_fd(fd: std::os::fd::BorrowedFd<'_>, dir: &Path) -> Result<()> {
     if syncs() {
-        d.sync_all().ctx("fsync-dir", dir)?;
+        rustix::fs::fsync(fd)
+            .map_err(io::Error::from)
+            .ctx("fsync-dir", dir)?;
     }
     #[cfg(feature = "failpoints")]
     crate::powerloss::dir_synced(dir);
-    Ok(())
-}
-
-/// Make everything written to the file system holding `path` durable: file data, new names,
-/// renames (`syncfs(2)`; since Linux 5.8 it reports writeback errors). One call replaces an
-/// fsync per file when a rank has written many small files; like an fsync, a failure is never
-/// retried and trusted.
-pub fn sync_fs(path: &Path) -> Result<()> {
-    failpoints::io("fsio::syncfs", path)?;
-    let f = File::open(path).ctx("open", path)?;
-    if syncs() {
-        rustix::fs::syncfs(&f)
-            .map_err(io::Error::from)
-            .ctx("fsync", path)?;
-    }
-    #[cfg(feature = "failpoints")]
-    crate::powerloss::fs_synced();
     Ok(())
 }
 
@@ -225,38 +218,30 @@ fn is_atomic_tmp_name(name: &[u8]) -> bool {
     }
 }
 
-/// Create `dir` and any missing ancestors, making each new directory entry durable (see
-/// [`create_dirs_all`]). Returns the directories that were created.
+/// Create `dir` and any missing ancestors, then make the new names durable with one fsync per
+/// parent directory. Returns the directories this call created. (Below a transfer's anchors,
+/// directories are made through [`Tree::create_dirs`] instead.)
 pub fn create_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
-    create_dirs_all(std::iter::once(dir))
-}
-
-/// Create every directory of `dirs` and any missing ancestors, then make the new names durable
-/// with one fsync per parent directory (not one per directory made). Returns the directories
-/// this call created.
-pub fn create_dirs_all<'a>(dirs: impl IntoIterator<Item = &'a Path>) -> Result<Vec<PathBuf>> {
+    let mut missing = Vec::new();
+    let mut cur = Some(dir);
+    while let Some(d) = cur {
+        if d.as_os_str().is_empty() || is_dir_or_link_to_dir(d)? {
+            break;
+        }
+        missing.push(d);
+        cur = d.parent();
+    }
     let mut parents = std::collections::BTreeSet::new();
     let mut created = Vec::new();
-    for dir in dirs {
-        let mut missing = Vec::new();
-        let mut cur = Some(dir);
-        while let Some(d) = cur {
-            if d.as_os_str().is_empty() || is_dir_or_link_to_dir(d)? {
-                break;
+    for d in missing.into_iter().rev() {
+        match fs::create_dir(d) {
+            Ok(()) => {
+                parents.insert(parent_of(d).to_path_buf());
+                created.push(d.to_path_buf());
             }
-            missing.push(d);
-            cur = d.parent();
-        }
-        for d in missing.into_iter().rev() {
-            match fs::create_dir(d) {
-                Ok(()) => {
-                    parents.insert(parent_of(d).to_path_buf());
-                    created.push(d.to_path_buf());
-                }
-                // Another rank made it first; it makes it durable too.
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(e).ctx("mkdir", d),
-            }
+            // Another rank made it first; it makes it durable too.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).ctx("mkdir", d),
         }
     }
     // Deepest first: a parent's own entry is made durable by its parent's fsync, later.
@@ -280,25 +265,6 @@ fn is_dir_or_link_to_dir(d: &Path) -> Result<bool> {
     }
 }
 
-/// Open (creating if needed, mode 0600, never following a symlink, never truncating) the
-/// temporary file that receives a file's units. Returns the file and whether this call created it
-/// (then its directory entry is not yet durable: fsync the parent before trusting it).
-pub fn open_temp(path: &Path) -> Result<(File, bool)> {
-    let mut o = OpenOptions::new();
-    o.read(true)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW);
-    match o.clone().create_new(true).open(path) {
-        Ok(f) => Ok((f, true)),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            let f = o.open(path).ctx("open", path)?;
-            Ok((f, false))
-        }
-        Err(e) => Err(e).ctx("create", path),
-    }
-}
-
 /// Remove a file or symlink; a missing one is not an error. Returns whether something was removed.
 /// The caller fsyncs the parent directory when the removal must be durable.
 pub fn remove_file(path: &Path) -> Result<bool> {
@@ -313,50 +279,10 @@ pub fn remove_file(path: &Path) -> Result<bool> {
     }
 }
 
-/// Apply a mode and times to a file or directory by path (not following a final symlink for
-/// times). Durability comes from the caller's [`sync_all`] / [`fsync_dir`].
-pub fn set_mode_and_times(path: &Path, mode: Option<u32>, mtime: (i64, u32)) -> Result<()> {
-    if let Some(mode) = mode {
-        fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o7777)).ctx("chmod", path)?;
-    }
-    set_times_nofollow(path, mtime)
-}
-
-/// Give a finished temporary file its final mode and times (just before its rename), and with
-/// `sync` make them durable; without, the caller makes a batch durable with [`sync_fs`] before
-/// the renames. Never follows a symlink.
-pub fn finish_file(tmp: &Path, mode: u32, mtime: (i64, u32), sync: bool) -> Result<()> {
-    let f = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(tmp)
-        .ctx("open", tmp)?;
-    f.set_permissions(fs::Permissions::from_mode(mode & 0o7777))
-        .ctx("chmod", tmp)?;
-    // Only the modification time: the access time is left to the file system.
-    let times = fs::FileTimes::new().set_modified(system_time(mtime));
-    f.set_times(times).ctx("utimes", tmp)?;
-    if sync {
-        sync_all(&f, tmp)?;
-    }
-    Ok(())
-}
-
-/// (seconds, nanoseconds) since the epoch as a `SystemTime` (before the epoch too).
-pub fn system_time(t: (i64, u32)) -> std::time::SystemTime {
-    use std::time::{Duration, UNIX_EPOCH};
-    if t.0 >= 0 {
-        UNIX_EPOCH + Duration::new(t.0 as u64, t.1)
-    } else {
-        UNIX_EPOCH - Duration::new(t.0.unsigned_abs(), 0) + Duration::new(0, t.1)
-    }
-}
-
-/// Set the modification time of `path` itself (a symlink's own, not its target's); the access
-/// time is left alone.
-pub fn set_times_nofollow(path: &Path, mtime: (i64, u32)) -> Result<()> {
-    use rustix::fs::{AtFlags, Timespec, Timestamps, CWD, UTIME_OMIT};
-    let ts = Timestamps {
+/// A modification time `mtime` (seconds, nanoseconds) to set, the access time left alone.
+fn timestamps(mtime: (i64, u32)) -> rustix::fs::Timestamps {
+    use rustix::fs::{Timespec, UTIME_OMIT};
+    rustix::fs::Timestamps {
         last_access: Timespec {
             tv_sec: 0,
             tv_nsec: UTIME_OMIT,
@@ -365,8 +291,14 @@ pub fn set_times_nofollow(path: &Path, mtime: (i64, u32)) -> Result<()> {
             tv_sec: mtime.0,
             tv_nsec: mtime.1 as _,
         },
-    };
-    rustix::fs::utimensat(CWD, path, &ts, AtFlags::SYMLINK_NOFOLLOW)
+    }
+}
+
+/// Set the modification time of `path` itself (a symlink's own, not its target's); the access
+/// time is left alone.
+pub fn set_times_nofollow(path: &Path, mtime: (i64, u32)) -> Result<()> {
+    use rustix::fs::{AtFlags, CWD};
+    rustix::fs::utimensat(CWD, path, &timestamps(mtime), AtFlags::SYMLINK_NOFOLLOW)
         .map_err(io::Error::from)
         .ctx("utimes", path)
 }
@@ -415,21 +347,5 @@ mod tests {
         fs::write(d.path().join("f"), b"").unwrap();
         let err = create_dirs(&d.path().join("f/g")).unwrap_err();
         assert_eq!(err.class, crate::ErrorClass::Usage);
-    }
-
-    #[test]
-    fn open_temp_is_private_and_not_truncating() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("t");
-        let (mut f, created) = open_temp(&p).unwrap();
-        assert!(created);
-        f.write_all(b"abc").unwrap();
-        let (_, created) = open_temp(&p).unwrap();
-        assert!(!created);
-        assert_eq!(fs::read(&p).unwrap(), b"abc");
-        assert_eq!(
-            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
     }
 }

@@ -17,6 +17,23 @@ fn names(dir: &Path) -> Vec<String> {
     v
 }
 
+/// The run stopped with `permission` (exit 6), naming `path` as a symbolic link.
+fn expect_link_refused(o: &std::process::Output, path: &str) {
+    expect_code(o, 6);
+    let err = stderr(o);
+    assert!(
+        err.contains("permission") && err.contains(path) && err.contains("symbolic link"),
+        "{err}"
+    );
+}
+
+/// Nothing outside the tree changed: the canary directory holds exactly `want`, and the canary
+/// its bytes.
+fn canary_untouched(s: &Scratch, want: &[&str]) {
+    assert_eq!(names(&s.path("outside")), want, "nothing written outside");
+    assert_eq!(fs::read(s.path("outside/canary")).unwrap(), b"canary");
+}
+
 fn tree(s: &Scratch) {
     let mut r = Rng::new(31);
     write_file(&s.path("src/sub/deeper/a.dat"), 300_000, &mut r);
@@ -34,24 +51,14 @@ fn a_directory_symlink_planted_in_the_destination_is_refused_before_any_write() 
     // Someone made dst/sub point elsewhere before the copy.
     symlink(s.path("outside"), s.path("dst/sub")).unwrap();
     let o = s.run(&["copy", "--id", "planted", "src", "dst"]);
-    expect_code(&o, 6);
-    let err = stderr(&o);
-    assert!(
-        err.contains("permission") && err.contains("dst/sub") && err.contains("symbolic link"),
-        "{err}"
-    );
-    assert_eq!(
-        names(&s.path("outside")),
-        ["canary"],
-        "nothing written outside"
-    );
-    assert_eq!(fs::read(s.path("outside/canary")).unwrap(), b"canary");
+    expect_link_refused(&o, "dst/sub");
+    canary_untouched(&s, &["canary"]);
     // A resume refuses too while the link is there; once it is gone, the copy completes.
     expect_code(&s.run(&["resume", "planted"]), 6);
     fs::remove_file(s.path("dst/sub")).unwrap();
     expect_code(&s.run(&["resume", "planted"]), 0);
     assert_same_tree(&s.path("src"), &s.path("dst"));
-    assert_eq!(names(&s.path("outside")), ["canary"]);
+    canary_untouched(&s, &["canary"]);
 }
 
 #[test]
@@ -121,14 +128,13 @@ fn tampered_at(
     args: &[&str],
     tamper: impl FnOnce(),
 ) -> std::process::Output {
-    let child = s
+    let mut child = s
         .ferry()
         .args(args)
         .env("FERRY_FAILPOINTS", format!("{point}=pause"))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn_tracked();
-    let mut child = child;
     s.wait_paused(&mut child);
     tamper();
     s.release();
@@ -153,24 +159,14 @@ fn a_destination_directory_swapped_for_a_symlink_while_copying_is_never_written_
         &["copy", "--id", "swap", "--threads", "1", "src", "dst"],
         || swap_for_link(&s, "dst/sub"),
     );
-    expect_code(&o, 6);
-    let err = stderr(&o);
-    assert!(
-        err.contains("permission") && err.contains("dst/sub") && err.contains("symbolic link"),
-        "{err}"
-    );
-    assert_eq!(
-        names(&s.path("outside")),
-        ["canary"],
-        "nothing written outside"
-    );
-    assert_eq!(fs::read(s.path("outside/canary")).unwrap(), b"canary");
+    expect_link_refused(&o, "dst/sub");
+    canary_untouched(&s, &["canary"]);
     // Once the tree is put back, the resume completes.
     fs::remove_file(s.path("dst/sub")).unwrap();
     fs::rename(s.path("dst/sub.moved"), s.path("dst/sub")).unwrap();
     expect_code(&s.run(&["resume", "swap"]), 0);
     assert_same_tree(&s.path("src"), &s.path("dst"));
-    assert_eq!(names(&s.path("outside")), ["canary"]);
+    canary_untouched(&s, &["canary"]);
 }
 
 #[cfg(feature = "failpoints")]
@@ -185,18 +181,8 @@ fn a_destination_directory_swapped_for_a_symlink_during_the_commit_is_refused() 
         &["copy", "--id", "late", "--threads", "1", "src", "dst"],
         || swap_for_link(&s, "dst/sub"),
     );
-    expect_code(&o, 6);
-    let err = stderr(&o);
-    assert!(
-        err.contains("dst/sub") && err.contains("symbolic link"),
-        "{err}"
-    );
-    assert_eq!(
-        names(&s.path("outside")),
-        ["canary"],
-        "no rename, chmod or write outside"
-    );
-    assert_eq!(fs::read(s.path("outside/canary")).unwrap(), b"canary");
+    expect_link_refused(&o, "dst/sub");
+    canary_untouched(&s, &["canary"]);
     let st = stdout(&s.run(&["status", "late"]));
     assert!(!st.contains("committed\n"), "not committed: {st}");
 }
@@ -225,13 +211,8 @@ fn delete_source_never_removes_through_a_source_directory_swapped_for_a_symlink(
         ],
         || swap_for_link(&s, "src/sub"),
     );
-    expect_code(&o, 6);
-    let err = stderr(&o);
-    assert!(
-        err.contains("src/sub") && err.contains("symbolic link"),
-        "{err}"
-    );
-    assert_eq!(names(&s.path("outside")), ["b.dat", "canary", "deeper"]);
+    expect_link_refused(&o, "src/sub");
+    canary_untouched(&s, &["b.dat", "canary", "deeper"]);
     assert_eq!(fs::read(s.path("outside/b.dat")).unwrap(), b"not yours");
     assert_eq!(
         fs::read(s.path("outside/deeper/a.dat")).unwrap(),
@@ -493,9 +474,8 @@ fn with_several_sources_a_planted_link_at_dst_name_is_refused() {
     // DST is the user's; DST/src, where the first source goes, was planted by someone else.
     symlink(s.path("outside"), s.path("dst/src")).unwrap();
     let o = s.run(&["copy", "src", "other", "dst"]);
-    expect_code(&o, 6);
-    assert!(stderr(&o).contains("dst/src"), "{}", stderr(&o));
-    assert_eq!(names(&s.path("outside")), ["canary"]);
+    expect_link_refused(&o, "dst/src");
+    canary_untouched(&s, &["canary"]);
     fs::remove_file(s.path("dst/src")).unwrap();
     expect_code(&s.run(&["copy", "src", "other", "dst"]), 0);
     assert_same_tree(&s.path("src"), &s.path("dst/src"));
@@ -532,13 +512,8 @@ fn a_state_directory_planted_as_a_link_in_the_destination_is_refused() {
     // DST/.ferry, where the transfer's state goes by default, points elsewhere.
     symlink(s.path("outside"), s.path("dst/.ferry")).unwrap();
     let o = s.run(&["copy", "src", "dst"]);
-    expect_code(&o, 6);
-    assert!(
-        stderr(&o).contains("dst/.ferry") && stderr(&o).contains("symbolic link"),
-        "{}",
-        stderr(&o)
-    );
-    assert_eq!(names(&s.path("outside")), ["canary"]);
+    expect_link_refused(&o, "dst/.ferry");
+    canary_untouched(&s, &["canary"]);
 }
 
 #[cfg(feature = "failpoints")]
@@ -568,12 +543,7 @@ fn a_source_directory_swapped_for_a_symlink_while_copying_is_never_read_through(
         &["copy", "--id", "srcswap", "--threads", "1", "src", "dst"],
         || swap_for_link(&s, "src/sub"),
     );
-    expect_code(&o, 6);
-    let err = stderr(&o);
-    assert!(
-        err.contains("src/sub") && err.contains("symbolic link"),
-        "{err}"
-    );
+    expect_link_refused(&o, "src/sub");
     assert!(!s.path("dst/sub/b.dat").exists(), "nothing committed");
 }
 
