@@ -88,6 +88,13 @@ for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.l
   [ -f "$f" ] && cp "$f" "$root$f"
 done
 cp /etc/resolv.conf "$root/etc/resolv.conf"
+# The machine's own network trust (a site or proxy CA under /usr/local/share/ca-certificates),
+# as a new machine of this kind has it: update-ca-certificates adds it once ca-certificates is
+# installed by scripts/install-deps.sh.
+if [ -d /usr/local/share/ca-certificates ]; then
+  mkdir -p "$root/usr/local/share/ca-certificates"
+  cp -r /usr/local/share/ca-certificates/. "$root/usr/local/share/ca-certificates/"
+fi
 
 bind() { mkdir -p "$root$2"; mount "${@:3}" --bind "$1" "$root$2"; mounts+=("$root$2"); }
 mount -t proc proc "$root/proc"; mounts+=("$root/proc")
@@ -115,7 +122,11 @@ run_in_root() {
 
 # `make` itself: the README's commands are make commands. Nothing else is added by hand.
 run_in_root "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends make >/dev/null"
-say "in the root before make: $(chroot "$root" dpkg-query -W -f='${db:Status-Status} ${Package}\n' gcc libc6-dev ca-certificates pkg-config libclang-dev 2>&1 | tr '\n' ';')"
+have=""
+for p in make gcc libc6-dev ca-certificates pkg-config libclang-dev libopenmpi-dev; do
+  have="$have $p=$(chroot "$root" dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || echo absent)"
+done
+say "in the root before make:$have"
 
 status=0
 for step in $steps; do
