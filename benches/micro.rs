@@ -57,6 +57,7 @@ fn journal_appends(c: &mut Criterion) {
                         crc: unit,
                     },
                     None,
+                    None,
                 )
                 .unwrap();
             }

@@ -18,6 +18,8 @@ pub fn entries(n: usize) -> Vec<Entry> {
         target: None,
         holder: None,
         ino: 0,
+        dev: 0,
+        ctime: (0, 0),
         depth: rel.matches('/').count() as u16 + 1,
         in_dest: false,
     };
@@ -57,6 +59,7 @@ pub fn plan(entries: Vec<Entry>, ranks: usize) -> Plan {
         delete_source: false,
         verify: false,
         preserve: false,
+        nonce: String::new(),
         threads: 4,
         entries,
         units,

@@ -125,10 +125,6 @@ fn make_sources(root: &Path) {
 }
 
 /// Mirror a tree with hard links (same inodes, same times).
-fn cp_al(from: &Path, to: &Path) {
-    cp(from, to, "-al")
-}
-
 fn walk_names(d: &Path, out: &mut Vec<String>) {
     if let Ok(rd) = fs::read_dir(d) {
         for e in rd.flatten() {
@@ -173,19 +169,34 @@ struct Found {
     total: u64,
 }
 
-/// Run one cell.
-fn run_cell(s: &Scratch, reference: &Path, cell: &Cell, n: usize) -> Found {
+/// What one crashed run left.
+struct Crash {
+    lost: usize,
+    fired: bool,
+    crashed: bool,
+    clear_error: bool,
+    code: i32,
+}
+
+/// Run the copy of `cell` as transfer `id` into `dst` until its failpoint trips, apply the
+/// power-loss model if it is one, and check invariants 1-3 on the disk as the crash left it.
+fn crash(
+    s: &Scratch,
+    reference: &Path,
+    cell: &Cell,
+    (id, dst): (&str, &Path),
+    problems: &mut Vec<String>,
+) -> Crash {
     let src = s.path("src");
+    let _ = fs::remove_dir_all(&src);
     cp_a(reference, &src);
-    let dst = s.path(&format!("dst{n}"));
     let state = dst.join(".ferry");
-    let id = format!("c{n}");
     let fp = format!(
         "{}={}@{}#{}",
         cell.point, cell.action, cell.victim, cell.hit
     );
     let dst_s = dst.to_str().unwrap().to_string();
-    let mut args = vec!["copy", "--id", &id];
+    let mut args = vec!["copy", "--id", id];
     args.extend(COPY_FLAGS);
     args.push(&dst_s);
     // A power-loss cell: the crashed process leaves a model of what was durable, and the disk is
@@ -200,7 +211,6 @@ fn run_cell(s: &Scratch, reference: &Path, cell: &Cell, n: usize) -> Found {
     let o = ferry_env(s, cell.launch, &args, Some(&fp), env);
     let code = o.status.code().unwrap_or(-1);
     let err = String::from_utf8_lossy(&o.stderr).to_string();
-    let mut problems = Vec::new();
     let mut lost = 0;
     if powerloss && code == ferry::failpoints::EXIT_CODE {
         match ferry::powerloss::apply(root) {
@@ -214,10 +224,10 @@ fn run_cell(s: &Scratch, reference: &Path, cell: &Cell, n: usize) -> Found {
     let clear_error = (2..=8).contains(&code) || code == 1 && err.contains("panic");
 
     // Invariants on the disk exactly as the crash left it.
-    let committed = state.join(&id).join("commit").exists();
+    let committed = state.join(id).join("commit").exists();
     if committed {
         problems.extend(
-            diff_trees(reference, &dst)
+            diff_trees(reference, dst)
                 .into_iter()
                 .map(|d| format!("after crash, committed but {d}")),
         );
@@ -228,34 +238,46 @@ fn run_cell(s: &Scratch, reference: &Path, cell: &Cell, n: usize) -> Found {
                 .map(|d| format!("source lost before the commit: {d}")),
         );
     }
-    problems.extend(torn_finals(reference, &dst));
+    problems.extend(torn_finals(reference, dst));
     if code == 0 && !committed {
         problems.push("the run exited 0 without a commit record".into());
     }
+    Crash {
+        lost,
+        fired,
+        crashed,
+        clear_error,
+        code,
+    }
+}
+
+/// Run one cell.
+fn run_cell(s: &Scratch, reference: &Path, cell: &Cell, n: usize) -> Found {
+    let src = s.path("src");
+    let dst = s.path(&format!("dst{n}"));
+    let state = dst.join(".ferry");
+    let mut problems = Vec::new();
+    let first_id = format!("c{n}");
+    let first = crash(s, reference, cell, (&first_id, &dst), &mut problems);
 
     // Resume, then invariants 1-4: once on the same rank count and once on another, each from
-    // the disk exactly as the crash left it.
+    // the disk exactly as the crash left it. The second starts from a second crash at the same
+    // point: a copy of the crashed tree would hold other files (other inodes), which ferry
+    // rightly does not trust as its own.
     let mut recopied = 0;
     let mut total = 0;
-    if state.join(&id).join("plan").exists() {
-        let crashed_dst = s.path(&format!("crashed-dst{n}"));
-        let crashed_src = s.path(&format!("crashed-src{n}"));
-        cp_a(&dst, &crashed_dst);
-        // Sources are kept by hard links: their inodes are part of what ferry checks before it
-        // removes them, and a copy would change them.
-        let had_src = src.exists();
-        if had_src {
-            cp_al(&src, &crashed_src);
-        }
+    if state.join(&first_id).join("plan").exists() {
         for (k, ranks) in [cell.launch.ranks(), cell.other_ranks]
             .into_iter()
             .enumerate()
         {
+            let mut id = first_id.clone();
             if k > 0 {
-                cp_a(&crashed_dst, &dst);
-                let _ = fs::remove_dir_all(&src);
-                if had_src {
-                    cp_al(&crashed_src, &src);
+                let _ = fs::remove_dir_all(&dst);
+                id = format!("c{n}-{k}");
+                crash(s, reference, cell, (&id, &dst), &mut problems);
+                if !state.join(&id).join("plan").exists() {
+                    continue;
                 }
             }
             let launch = match cell.launch {
@@ -298,24 +320,22 @@ fn run_cell(s: &Scratch, reference: &Path, cell: &Cell, n: usize) -> Found {
                 problems.push(format!("after resume on {ranks}: temporaries left"));
             }
         }
-        let _ = fs::remove_dir_all(&crashed_dst);
-        let _ = fs::remove_dir_all(&crashed_src);
-    } else if !(clear_error || crashed) {
-        problems.push(format!("no plan and no clear error (exit {code})"));
+    } else if !(first.clear_error || first.crashed) {
+        problems.push(format!("no plan and no clear error (exit {})", first.code));
     }
     let outcome = if !problems.is_empty() {
         "violation"
-    } else if crashed || code == 0 {
+    } else if first.crashed || first.code == 0 {
         "survived"
     } else {
         "safe-fail"
     };
     let _ = fs::remove_dir_all(&dst);
     Found {
-        lost,
+        lost: first.lost,
         outcome,
         detail: problems.join("; "),
-        fired,
+        fired: first.fired,
         recopied,
         total,
     }

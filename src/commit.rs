@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::failpoints;
 use crate::fsio;
+use crate::journal::{Idents, TempId};
 use crate::manifest::{self, CommitRecord};
 use crate::plan::{Entry, Kind, Plan};
 use crate::preserve::Kept;
@@ -95,7 +96,11 @@ fn meta_of<'a>(plan: &Plan, ent: &Entry, source: Option<&'a Kept>) -> fsio::Meta
     }
 }
 
-fn is_file(st: &rustix::fs::Stat) -> bool {
+fn is_symlink(st: &rustix::fs::Stat) -> bool {
+    rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Symlink
+}
+
+pub(crate) fn is_file(st: &rustix::fs::Stat) -> bool {
     rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
 }
 
@@ -104,7 +109,7 @@ fn is_file(st: &rustix::fs::Stat) -> bool {
 /// commit record vouches for can be lost. Everything happens through directory handles opened
 /// from the anchors (a directory swapped for a symlink is refused, never followed). Returns how
 /// many `--preserve` warnings were logged.
-pub fn finalize_entries(plan: &Plan, me: usize, n: usize) -> Result<u64> {
+pub fn finalize_entries(plan: &Plan, me: usize, n: usize, idents: &Idents) -> Result<u64> {
     let tree = fsio::Tree::new();
     let src = fsio::Tree::new();
     let mut warnings = 0;
@@ -120,15 +125,18 @@ pub fn finalize_entries(plan: &Plan, me: usize, n: usize) -> Result<u64> {
         let depth = ent.dst_depth();
         let (dir, dir_depth) = parent_at(plan, e);
         dirs.insert(dir.clone(), dir_depth);
-        let tmp = crate::engine::temp_path(plan, e);
-        match tree.stat(&tmp, depth)? {
-            Some(st) if is_file(&st) => {
+        let id = ident(idents, e, ent)?;
+        let tmp = crate::engine::temp_path(plan, e, id.gen);
+        match tree.key(&tmp, depth)? {
+            Some(k) if k.regular && id.is(k.key) => {
                 let small = ent.size < crate::engine::SMALL_UNIT;
                 let source = source_of(&src, plan, ent, &mut warnings);
                 let meta = meta_of(plan, ent, source.as_ref());
-                warnings += warn_all(tree.finish_file(&tmp, &ent.dst, depth, &meta, !small)?);
+                let expect = (id.dev, id.ino);
+                warnings +=
+                    warn_all(tree.finish_file(&tmp, &ent.dst, depth, expect, &meta, !small)?);
                 if small {
-                    file_systems.entry(st.st_dev).or_insert((dir, dir_depth));
+                    file_systems.entry(k.dev).or_insert((dir, dir_depth));
                     batch.push((e, tmp));
                     continue;
                 }
@@ -137,10 +145,8 @@ pub fn finalize_entries(plan: &Plan, me: usize, n: usize) -> Result<u64> {
                 failpoints::io("commit::renamed", &ent.dst)?;
             }
             Some(_) => {
-                return Err(Error::integrity(
-                    &tmp,
-                    "temporary name is not a regular file",
-                ))
+                let st = tree.stat(&tmp, depth)?;
+                return Err(fsio::foreign_temp(&tmp, st.as_ref()));
             }
             // Renamed by an earlier run after the decision; check_finals looks at it.
             None => {}
@@ -167,8 +173,16 @@ pub fn finalize_entries(plan: &Plan, me: usize, n: usize) -> Result<u64> {
         if tree.read_link(&ent.dst, depth)?.as_ref() == Some(target) {
             continue;
         }
-        let tmp = crate::engine::temp_path(plan, e);
-        tree.remove_file(&tmp, depth)?;
+        // A symlink's temporary name belongs to this attempt of this plan alone (its nonce).
+        let tmp = crate::engine::temp_path(plan, e, 0);
+        match tree.stat(&tmp, depth)? {
+            // Left by an earlier attempt's commit (a symlink is all ferry ever makes there).
+            Some(st) if !is_symlink(&st) => return Err(fsio::foreign_temp(&tmp, Some(&st))),
+            Some(_) => {
+                tree.remove_file(&tmp, depth)?;
+            }
+            None => {}
+        }
         let kept = source_of(&src, plan, ent, &mut warnings);
         warnings +=
             warn_all(tree.symlink(target, &tmp, &ent.dst, depth, ent.mtime, kept.as_ref())?);
@@ -181,9 +195,17 @@ pub fn finalize_entries(plan: &Plan, me: usize, n: usize) -> Result<u64> {
     Ok(warnings)
 }
 
-/// Check with a stat that every final name this rank owns holds what the plan says (through
-/// directory handles opened afresh: a directory swapped for a symlink since is refused).
-pub fn check_finals(plan: &Plan, me: usize, n: usize) -> Result<()> {
+/// The temporary file the journals (or this attempt) record for file entry `e`.
+fn ident(idents: &Idents, e: usize, ent: &Entry) -> Result<TempId> {
+    idents.get(&(e as u32)).copied().ok_or_else(|| {
+        Error::internal("a file to commit has no temporary file on record").with_path(&ent.dst)
+    })
+}
+
+/// Check with a stat that every final name this rank owns is the very file ferry made and
+/// journaled (a rename keeps the inode) with the planned size, and every symlink its target
+/// (through directory handles opened afresh: a directory swapped for a symlink since is refused).
+pub fn check_finals(plan: &Plan, me: usize, n: usize, idents: &Idents) -> Result<()> {
     let tree = fsio::Tree::new();
     let missing = |p: &Path, op: &str| Error::io(op, p, io::Error::from_raw_os_error(libc::ENOENT));
     for e in owned(plan, me, n, Kind::File) {
@@ -192,15 +214,22 @@ pub fn check_finals(plan: &Plan, me: usize, n: usize) -> Result<()> {
             .stat(&ent.dst, ent.dst_depth())?
             .ok_or_else(|| missing(&ent.dst, "stat"))?;
         let size = st.st_size as u64;
-        if !is_file(&st) || size != ent.size {
+        let id = ident(idents, e, ent)?;
+        let same = tree
+            .key(&ent.dst, ent.dst_depth())?
+            .is_some_and(|k| id.is(k.key));
+        if !is_file(&st) || size != ent.size || !same {
             return Err(Error::integrity(
                 &ent.dst,
                 format!(
-                    "final file is not what was copied (a {} of {} bytes, planned a file of {}); \
-                     it was changed behind ferry's back — resume redoes it",
+                    "final file is not the file ferry copied (a {} of {} bytes, inode {}; \
+                     planned a file of {} bytes, inode {}): it was replaced behind ferry's back, \
+                     and nothing was committed",
                     if is_file(&st) { "file" } else { "non-file" },
                     size,
-                    ent.size
+                    st.st_ino,
+                    ent.size,
+                    id.ino
                 ),
             )
             .with_op("commit-check"));
@@ -342,19 +371,79 @@ pub fn delete_source_dirs(plan: &Plan, me: usize, n: usize) -> Result<Vec<PathBu
     Ok(kept)
 }
 
-/// Remove the temporary files of the entries this rank owns (cancel). Returns how many.
-pub fn remove_temps(plan: &Plan, me: usize, n: usize) -> Result<usize> {
+/// Whether `st` is what ferry leaves at one of its temporary names when it is killed between
+/// making the file and journaling it: a regular file with one link, mode 0600, of this user.
+fn plausibly_left_by_ferry(st: &rustix::fs::Stat) -> bool {
+    is_file(st)
+        && st.st_nlink == 1
+        && st.st_mode & 0o7777 == 0o600
+        && st.st_uid == rustix::process::geteuid().as_raw()
+}
+
+/// Remove what earlier attempts `1..upto` of this plan left at entry `e`'s temporary names and
+/// never journaled (a run killed between making a temporary file and journaling it), except the
+/// attempt `keep` whose file the journals vouch for. Such a name carries this plan's random nonce,
+/// the entry and the attempt, so only ferry makes it; it is removed only if it also looks like
+/// what ferry makes (a regular file with one link, mode 0600, of this user): a hard link, a link, a FIFO or a file of
+/// another user at that name is left alone with a warning. Returns how many were removed.
+pub fn sweep_leftovers(
+    tree: &fsio::Tree,
+    plan: &Plan,
+    e: usize,
+    upto: u32,
+    keep: Option<u32>,
+) -> Result<usize> {
+    if plan.nonce.is_empty() {
+        return Ok(0);
+    }
+    let ent = plan.entry(e);
+    let mut n = 0;
+    for gen in (1..upto).filter(|g| Some(*g) != keep) {
+        let tmp = crate::engine::temp_path(plan, e, gen);
+        match tree.stat(&tmp, ent.dst_depth()) {
+            Ok(Some(st)) if plausibly_left_by_ferry(&st) => {
+                if tree.remove_file(&tmp, ent.dst_depth())? {
+                    n += 1;
+                }
+            }
+            Ok(Some(st)) => log::warn!("{} (left in place)", fsio::foreign_temp(&tmp, Some(&st))),
+            // A directory of the tree that is not there yet has no leftovers.
+            Ok(None) | Err(_) => {}
+        }
+    }
+    Ok(n)
+}
+
+/// Remove the temporary files of the entries this rank owns, and those in `made` (it made them
+/// in this attempt), that are provably ferry's: the very inode `idents` records (cancel).
+/// Returns how many.
+pub fn remove_temps(
+    plan: &Plan,
+    me: usize,
+    n: usize,
+    idents: &Idents,
+    made: &[(u32, TempId)],
+) -> Result<usize> {
     let tree = fsio::Tree::new();
     let mut count = 0;
     let mut dirs = BTreeMap::new();
+    let mut todo: BTreeMap<u32, TempId> = made.iter().copied().collect();
     for e in plan.held_entries() {
-        if plan.entry(e).kind == Kind::Dir || plan.owner(e, n) != me {
-            continue;
+        if plan.entry(e).kind == Kind::File && plan.owner(e, n) == me {
+            if let Some(id) = idents.get(&(e as u32)) {
+                todo.insert(e as u32, *id);
+            }
         }
-        let tmp = crate::engine::temp_path(plan, e);
-        if tree.remove_file(&tmp, plan.entry(e).dst_depth())? {
+    }
+    for (e, id) in todo {
+        let ent = plan.entry(e as usize);
+        let tmp = crate::engine::temp_path(plan, e as usize, id.gen);
+        let ours = tree
+            .key(&tmp, ent.dst_depth())?
+            .is_some_and(|k| k.regular && id.is(k.key));
+        if ours && tree.remove_file(&tmp, ent.dst_depth())? {
             count += 1;
-            let (d, depth) = parent_at(plan, e);
+            let (d, depth) = parent_at(plan, e as usize);
             dirs.insert(d, depth);
         }
     }

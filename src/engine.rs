@@ -22,7 +22,7 @@ use rayon::prelude::*;
 use crate::error::{Error, ErrorClass, IoContext, Result};
 use crate::failpoints;
 use crate::fsio;
-use crate::journal::{Journal, UnitDone};
+use crate::journal::{Idents, Journal, TempId, UnitDone};
 use crate::plan::{Entry, Plan};
 use crate::retry::RetryPolicy;
 pub use crate::stop::Stopper;
@@ -47,10 +47,141 @@ pub struct Progress {
     pub total: AtomicU64,
 }
 
-/// The temporary name of entry `e`: beside its final name, so the rename stays in one directory.
-pub fn temp_path(plan: &Plan, e: usize) -> PathBuf {
+/// The temporary name of entry `e` made by attempt `gen`: beside its final name, so the rename
+/// stays in one directory, and unique to this plan (its random nonce), entry and attempt.
+pub fn temp_path(plan: &Plan, e: usize, gen: u32) -> PathBuf {
     let dst = &plan.entry(e).dst;
-    fsio::parent_of(dst).join(format!(".ferry-{}-{e}.tmp", plan.id))
+    let name = if plan.nonce.is_empty() {
+        format!(".ferry-{}-{e}-{gen}.tmp", plan.id)
+    } else {
+        format!(".ferry-{}-{}-{e}-{gen}.tmp", plan.id, plan.nonce)
+    };
+    fsio::parent_of(dst).join(name)
+}
+
+/// The temporary files a rank may write in this attempt: those the journals vouch for (and those
+/// rank 0 made for files that several ranks copy), and those it creates itself. A temporary file
+/// is opened only as the very inode recorded for it; a name that is taken by anything else is
+/// never written, trusted or removed.
+pub struct Temps {
+    attempt: u32,
+    known: Mutex<Idents>,
+    created: Mutex<Vec<(u32, TempId)>>,
+    /// Held while a file cut into several units gets its temporary file, so two copy threads
+    /// of this rank never both try to make it.
+    making: Mutex<()>,
+}
+
+impl Temps {
+    /// The table of attempt `attempt`, knowing `known`.
+    pub fn new(attempt: u32, known: Idents) -> Temps {
+        Temps {
+            attempt,
+            known: Mutex::new(known),
+            created: Mutex::new(Vec::new()),
+            making: Mutex::new(()),
+        }
+    }
+
+    /// Add what another rank made or the journals vouch for.
+    pub fn learn(&self, idents: impl IntoIterator<Item = (u32, TempId)>) {
+        self.known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(idents);
+    }
+
+    /// The temporary file of entry `e`, if known.
+    pub fn get(&self, e: u32) -> Option<TempId> {
+        self.known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&e)
+            .copied()
+    }
+
+    /// Everything known now.
+    pub fn all(&self) -> Idents {
+        self.known.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The temporary files this rank created in this attempt.
+    pub fn created(&self) -> Vec<(u32, TempId)> {
+        self.created
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Open entry `e`'s temporary file for writing a unit whose source is `src` (its `fstat`):
+    /// the known one, checked by inode, or a new one made with `O_EXCL` under this attempt's
+    /// name. Returns the file, its name and, if this call made it, its identity.
+    fn open(
+        &self,
+        plan: &Plan,
+        tree: &fsio::Tree,
+        e: usize,
+        src: &rustix::fs::Stat,
+        several_units: bool,
+    ) -> Result<(File, PathBuf, Option<TempId>)> {
+        let ent = plan.entry(e);
+        let _making = several_units.then(|| self.making.lock().unwrap_or_else(|p| p.into_inner()));
+        let src_id = crate::journal::src_hash_of(src);
+        if let Some(id) = self.get(e as u32) {
+            let tmp = temp_path(plan, e, id.gen);
+            if id.src != src_id {
+                return Err(Error::integrity(
+                    &ent.src,
+                    "the source changed since its temporary file was started (another inode,                      size, mtime or ctime); `ferry resume` copies the whole file again from the                      source as it is then",
+                )
+                .with_op("copy"));
+            }
+            let f = job_open_existing(tree, &tmp, ent.dst_depth(), &id)?;
+            return Ok((f, tmp, None));
+        }
+        let tmp = temp_path(plan, e, self.attempt);
+        let f = tree.create_temp(&tmp, ent.dst_depth())?;
+        let k = fsio::key_of(std::os::fd::AsFd::as_fd(&f), &tmp)?;
+        let id = TempId {
+            gen: self.attempt,
+            ino: k.key.1,
+            dev: k.key.0,
+            src: src_id,
+        };
+        self.learn([(e as u32, id)]);
+        self.created
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((e as u32, id));
+        Ok((f, tmp, Some(id)))
+    }
+
+    /// Make entry `e`'s temporary file before the copy (rank 0, for a file several ranks copy),
+    /// its source read as it is now through `src_tree`, and journal it.
+    pub fn make(
+        &self,
+        plan: &Plan,
+        tree: &fsio::Tree,
+        src_tree: &fsio::Tree,
+        journal: &Journal,
+        e: usize,
+    ) -> Result<TempId> {
+        let ent = plan.entry(e);
+        let src = src_tree.open_read(&ent.src, ent.depth)?;
+        let st = rustix::fs::fstat(&src)
+            .map_err(std::io::Error::from)
+            .ctx("stat", &ent.src)?;
+        let (_, _, made) = self.open(plan, tree, e, &st, true)?;
+        let id = made.ok_or_else(|| Error::internal("a temporary file made twice"))?;
+        let dir = fsio::parent_of(&ent.dst);
+        journal.record_created(e as u32, id, (dir, ent.dst_depth().saturating_sub(1)))?;
+        Ok(id)
+    }
+}
+
+/// Open the existing temporary file `tmp` as the very file `id` names.
+fn job_open_existing(tree: &fsio::Tree, tmp: &Path, depth: u16, id: &TempId) -> Result<File> {
+    tree.open_temp(tmp, depth, id.key())
 }
 
 thread_local! {
@@ -84,6 +215,8 @@ pub struct CopyJob<'a> {
     pub tree: &'a fsio::Tree,
     /// Handles of the source directories (sources are opened through them).
     pub src_tree: &'a fsio::Tree,
+    /// The temporary files this rank may write.
+    pub temps: &'a Temps,
 }
 
 /// Copy `units` with `pool`; returns the journal records of the units done. On error the journal
@@ -93,15 +226,19 @@ pub fn copy_units(job: &CopyJob, pool: &rayon::ThreadPool, units: &[u32]) -> Res
     let batch = SyncBatch::default();
     let res = pool.install(|| {
         par_units(units, job.stopper, |u| match copy_unit(job, u)? {
-            Copied::Synced(rec, created_in) => {
-                let created_in = created_in.as_ref().map(|(d, depth)| (d.as_path(), *depth));
-                job.journal.record(rec, created_in)?;
+            Copied::Synced(rec, made) => {
+                let created_in = made.as_ref().map(|(_, _, d, depth)| (d.as_path(), *depth));
+                job.journal.record(
+                    rec,
+                    made.as_ref().map(|(e, id, _, _)| (*e, *id)),
+                    created_in,
+                )?;
                 job.progress.done.fetch_add(rec.len, Ordering::Relaxed);
                 done.lock().unwrap_or_else(|e| e.into_inner()).push(rec);
                 Ok(())
             }
-            Copied::Unsynced(rec, dev, tmp, depth) => {
-                if let Some(recs) = batch.add(rec, dev, tmp, depth) {
+            Copied::Unsynced(rec, made, dev, tmp, depth) => {
+                if let Some(recs) = batch.add(rec, made, dev, tmp, depth) {
                     done.lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .extend(batch.sync(job, recs)?);
@@ -112,7 +249,8 @@ pub fn copy_units(job: &CopyJob, pool: &rayon::ThreadPool, units: &[u32]) -> Res
     });
     // Small units still waiting for their sync are made durable and journaled now — also after
     // an error or a stop, so what was copied need not be redone (if that sync fails too, they are
-    // simply not journaled, and the resume redoes them).
+    // simply not journaled, and the resume redoes them). Not after a failed sync: see
+    // `SyncBatch::sync`.
     let pending = batch.take();
     let res = match (res, batch.sync(job, pending)) {
         (Ok(()), Ok(recs)) => {
@@ -127,29 +265,50 @@ pub fn copy_units(job: &CopyJob, pool: &rayon::ThreadPool, units: &[u32]) -> Res
             Err(e)
         }
     };
+    // After a failure, the temporary files made in this attempt are journaled even where none
+    // of their units is, so a resume can prove them ferry's and remove them.
+    if res.is_err() {
+        for (e, id) in job.temps.created() {
+            let ent = job.plan.entry(e as usize);
+            let dir = (fsio::parent_of(&ent.dst), ent.dst_depth().saturating_sub(1));
+            if let Err(also) = job.journal.note_created(e, id, dir) {
+                log::debug!("temporary files made before the error not journaled: {also}");
+                break;
+            }
+        }
+    }
     let flushed = job.journal.flush();
     res?;
     flushed?;
     Ok(done.into_inner().unwrap_or_else(|e| e.into_inner()))
 }
 
-/// What copying a unit left: synced on its own (with the directory of its temporary file and its
-/// depth below its anchor, if this copy created it), or written but waiting for its batch's
-/// `syncfs` (with the file system it is on, a path there and that path's depth).
+/// A temporary file a unit's copy created: its entry, identity, directory and that directory's
+/// depth below its anchor.
+type Made = (u32, TempId, PathBuf, u16);
+
+/// What copying a unit left: synced on its own (with the temporary file it created, if it did),
+/// or written but waiting for its batch's `syncfs` (with the temporary file it created, the file
+/// system it is on, a path there and that path's depth).
 enum Copied {
-    Synced(UnitDone, Option<(PathBuf, u16)>),
-    Unsynced(UnitDone, u64, PathBuf, u16),
+    Synced(UnitDone, Option<Made>),
+    Unsynced(UnitDone, Option<(u32, TempId)>, u64, PathBuf, u16),
 }
 
 /// Small units written but not yet durable.
 #[derive(Default)]
 struct SyncBatch {
     pending: Mutex<Pending>,
+    /// The first failed sync of this run: written data may be lost, and Linux reports a writeback
+    /// error once (a second `syncfs` returns 0 with the data still gone; before Linux 5.8 not
+    /// even once), so after one failure nothing written before it is ever journaled.
+    failed: Mutex<Option<Error>>,
 }
 
 #[derive(Default)]
 struct Pending {
     recs: Vec<UnitDone>,
+    created: Vec<(u32, TempId)>,
     bytes: u64,
     since: Option<Instant>,
     /// One directory (with its depth below its anchor) on each file system the units were
@@ -159,9 +318,17 @@ struct Pending {
 
 impl SyncBatch {
     /// Add a written unit; returns the batch to sync if it is full or old enough.
-    fn add(&self, rec: UnitDone, dev: u64, tmp: PathBuf, depth: u16) -> Option<Pending> {
+    fn add(
+        &self,
+        rec: UnitDone,
+        made: Option<(u32, TempId)>,
+        dev: u64,
+        tmp: PathBuf,
+        depth: u16,
+    ) -> Option<Pending> {
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         p.recs.push(rec);
+        p.created.extend(made);
         p.bytes += rec.len;
         p.since.get_or_insert_with(Instant::now);
         p.fs.entry(dev)
@@ -183,16 +350,25 @@ impl SyncBatch {
         if p.recs.is_empty() {
             return Ok(Vec::new());
         }
-        for (dir, depth) in p.fs.values() {
-            job.tree.sync_fs(dir, *depth)?;
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = &*failed {
+            return Err(e.clone());
         }
+        for (dir, depth) in p.fs.values() {
+            if let Err(e) = job.tree.sync_fs(dir, *depth) {
+                *failed = Some(e.clone());
+                return Err(e);
+            }
+        }
+        drop(failed);
         // (The temporary names are only rebuilt for the failpoints' sake.)
         #[cfg(feature = "failpoints")]
         for r in &p.recs {
             let e = job.plan.unit(r.unit).entry as usize;
-            failpoints::io("copy::unit_synced", &temp_path(job.plan, e))?;
+            let gen = job.temps.get(e as u32).map_or(0, |id| id.gen);
+            failpoints::io("copy::unit_synced", &temp_path(job.plan, e, gen))?;
         }
-        job.journal.record_synced(&p.recs)?;
+        job.journal.record_synced(&p.recs, &p.created)?;
         job.progress.done.fetch_add(p.bytes, Ordering::Relaxed);
         Ok(p.recs)
     }
@@ -255,8 +431,13 @@ fn copy_unit(job: &CopyJob, u: u32) -> Result<Copied> {
     if !same_as_planned(&md, e) {
         return Err(changed(e, &md));
     }
-    let tmp = temp_path(plan, unit.entry as usize);
-    let (dst, created) = job.tree.open_temp(&tmp, e.dst_depth())?;
+    let st = rustix::fs::fstat(&src)
+        .map_err(std::io::Error::from)
+        .ctx("stat", &e.src)?;
+    let several = plan.units_of(unit.entry as usize).len() > 1;
+    let (dst, tmp, made) = job
+        .temps
+        .open(plan, job.tree, unit.entry as usize, &st, several)?;
     let crc = BUF.with(|b| {
         let mut buf = b.borrow_mut();
         // Grown to the largest unit seen, at most BUF_SIZE: small files keep small buffers.
@@ -282,9 +463,11 @@ fn copy_unit(job: &CopyJob, u: u32) -> Result<Copied> {
         failpoints::io("copy::unit_synced", &tmp)?;
     }
     let after = src.metadata().ctx("stat", &e.src)?;
-    // The change time catches a rewrite during this unit even if the writer restored the mtime.
+    // The change time catches a rewrite during this unit even if the writer restored the mtime;
+    // the inode and device a file replaced by rename.
     if !same_as_planned(&after, e)
         || (after.ctime(), after.ctime_nsec()) != (md.ctime(), md.ctime_nsec())
+        || (after.ino(), after.dev()) != (md.ino(), md.dev())
     {
         return Err(changed(e, &after));
     }
@@ -293,14 +476,17 @@ fn copy_unit(job: &CopyJob, u: u32) -> Result<Copied> {
         len: unit.len,
         crc,
     };
+    let made = made.map(|id| (unit.entry, id));
     if small {
         let dev = dst.metadata().ctx("stat", &tmp)?.dev();
-        return Ok(Copied::Unsynced(rec, dev, tmp, e.dst_depth()));
+        return Ok(Copied::Unsynced(rec, made, dev, tmp, e.dst_depth()));
     }
     Ok(Copied::Synced(
         rec,
-        created.then(|| {
+        made.map(|(entry, id)| {
             (
+                entry,
+                id,
                 fsio::parent_of(&tmp).to_path_buf(),
                 e.dst_depth().saturating_sub(1),
             )
@@ -483,45 +669,65 @@ fn crc_of(
 
 /// Re-read `units` from their temporary files (or final names, once renamed) and compare CRCs
 /// with those computed while copying; then re-read the same bytes of the source, so a source
-/// rewritten in place (even with its size and mtime kept) is caught before the commit.
+/// rewritten in place (even with its size and mtime kept) is caught before the commit. Each file
+/// read is the very inode `idents` names. A unit whose bytes read back wrong gets its entry voided
+/// in `journal` (durably, this attempt's records included) before its temporary file is removed,
+/// so a resume copies that file again into a new temporary file and never trusts a hole.
+#[allow(clippy::too_many_arguments)]
 pub fn verify_units(
     plan: &Plan,
     pool: &rayon::ThreadPool,
     units: &[u32],
     crcs: &HashMap<u32, u32>,
+    idents: &Idents,
+    journal: &Journal,
     stopper: &Stopper,
     retry: RetryPolicy,
 ) -> Result<()> {
     let tree = fsio::Tree::new();
-    pool.install(|| {
+    // Entries whose staged bytes read back wrong, with the file read.
+    let bad: Mutex<Vec<(u32, PathBuf)>> = Mutex::new(Vec::new());
+    let res = pool.install(|| {
         par_units(units, stopper, |u| {
             let unit = plan.unit(u);
             let e = plan.entry(unit.entry as usize);
-            let tmp = temp_path(plan, unit.entry as usize);
-            let path = if tmp.exists() { tmp } else { e.dst.clone() };
-            let f = open_nofollow(&path)?;
+            let id = idents.get(&unit.entry).ok_or_else(|| {
+                Error::internal("a unit to verify has no temporary file on record")
+                    .with_path(&e.dst)
+            })?;
+            let tmp = temp_path(plan, unit.entry as usize, id.gen);
+            let (f, path) = match tree.open_temp_read(&tmp, e.dst_depth(), id.key()) {
+                Ok(f) => (f, tmp),
+                Err(err) if err.class == ErrorClass::NotFound => {
+                    // Renamed already (a resume after the decision): the final name must be the
+                    // very file.
+                    let f = tree.open_temp_read(&e.dst, e.dst_depth(), id.key())?;
+                    (f, e.dst.clone())
+                }
+                Err(err) => return Err(err),
+            };
             fsio::drop_cache(&f);
             let mut buf = vec![0u8; BUF_SIZE.min(unit.len.max(1) as usize)];
             let end = unit.offset + unit.len;
             let want = crcs.get(&u).copied();
             let got = crc_of(&retry, &f, &path, unit.offset, unit.len, &mut buf)?;
-            let Some(got) = got else {
-                return Err(Error::integrity(
-                    &path,
-                    "destination is shorter than planned",
-                ));
-            };
-            if Some(got) != want {
-                // The journal vouches for bytes that are not there: drop the temporary file so a
-                // resume copies the whole file again instead of trusting it.
-                if path != e.dst {
-                    tree.remove_file(&path, e.dst_depth())?;
-                }
+            if got.is_none() || got != want {
+                bad.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((unit.entry, path.clone()));
+                let what = if got.is_none() {
+                    "is shorter than planned".to_string()
+                } else {
+                    format!(
+                        "bytes {}..{end} read back with another CRC32 than was written",
+                        unit.offset
+                    )
+                };
                 return Err(Error::new(
                     ErrorClass::Integrity,
                     format!(
-                        "--verify: bytes {}..{} read back with another CRC32 than was written",
-                        unit.offset, end
+                        "--verify: the staged copy {what}; nothing was committed for it, and \
+                         `ferry resume` copies this file again from the source"
                     ),
                 )
                 .with_op("verify")
@@ -542,7 +748,22 @@ pub fn verify_units(
             }
             Ok(())
         })
-    })
+    });
+    // The journal vouches for bytes that are not there: void those entries first (durably), then
+    // drop their temporary files, so a resume copies each whole file again. (After the loop: a
+    // temporary file removed while another thread reads it would read as missing.)
+    let bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
+    if !bad.is_empty() {
+        let entries: Vec<u32> = bad.iter().map(|(e, _)| *e).collect();
+        journal.void_all(&entries)?;
+        for (e, path) in &bad {
+            let ent = plan.entry(*e as usize);
+            if *path != ent.dst {
+                tree.remove_file(path, ent.dst_depth())?;
+            }
+        }
+    }
+    res
 }
 
 /// Shorthand used by the orchestration: an `Arc<Progress>` or a private one.

@@ -68,13 +68,15 @@ impl ErrorClass {
     /// Classify an errno. `op` matters for EIO: a failed read may succeed when repeated, a failed
     /// write or fsync means the storage lost data and is never trusted again.
     pub fn from_errno(errno: i32, op: &str) -> ErrorClass {
-        let sync = matches!(op, "fsync" | "fsync-dir");
+        let sync = is_sync_op(op);
         match errno {
-            // A failed fsync may have dropped the dirty pages: repeating it could succeed and
-            // lie. It is never transient; the run stops and a resume redoes the work.
-            libc::EINTR | libc::EAGAIN | libc::ETIMEDOUT | libc::EIO if sync => {
-                ErrorClass::Resource
-            }
+            // An fsync or syncfs that reports EIO means written data was lost: the kernel
+            // marked the failed pages clean, so repeating the call would succeed and lie. What
+            // it covered is never trusted (integrity); a resume copies it again.
+            libc::EIO if sync => ErrorClass::Integrity,
+            // Other failures of a sync are never transient either; the run stops and a resume
+            // redoes the work.
+            libc::EINTR | libc::EAGAIN | libc::ETIMEDOUT if sync => ErrorClass::Resource,
             libc::EINTR | libc::EAGAIN | libc::ETIMEDOUT => ErrorClass::Transient,
             libc::EIO if op == "read" => ErrorClass::Transient,
             libc::ENOSPC | libc::EDQUOT | libc::EMFILE | libc::ENFILE | libc::EFBIG | libc::EIO => {
@@ -88,6 +90,16 @@ impl ErrorClass {
             _ => ErrorClass::Internal,
         }
     }
+}
+
+/// Whether `op` makes written data durable (`fsync`, a directory fsync, `syncfs`; the failpoints
+/// of those steps too).
+fn is_sync_op(op: &str) -> bool {
+    let last = op.rsplit("::").next().unwrap_or(op);
+    matches!(
+        last,
+        "fsync" | "fsync-dir" | "fsync_dir" | "syncfs" | "sync_data" | "sync_all"
+    )
 }
 
 impl fmt::Display for ErrorClass {
@@ -263,6 +275,19 @@ impl Error {
             ErrorClass::Resource => then_resume("free space or raise the limit on that tier"),
             ErrorClass::Permission => then_resume("fix the permissions of that path"),
             ErrorClass::NotFound => then_resume("restore the missing path"),
+            ErrorClass::Integrity if self.errno == Some(libc::EIO) && is_sync_op(&self.op) => {
+                then_resume(
+                    "the storage reported that written data was lost (an I/O error from fsync or \
+                     syncfs): none of what that sync covered was journaled, and it is copied \
+                     again into new files; check the device and its log (dmesg) first",
+                )
+            }
+            ErrorClass::Integrity if self.op == "verify-committed" => {
+                "the transfer is committed, but the destination no longer matches its manifest: \
+                 it was changed (or lost by the storage) after the commit; copy the named file \
+                 again from its source if it still exists"
+                    .into()
+            }
             ErrorClass::Integrity => {
                 "nothing was committed; inspect the named file (see docs/errors.md)".into()
             }
@@ -351,8 +376,14 @@ mod tests {
             ErrorClass::from_errno(libc::EIO, "read"),
             ErrorClass::Transient
         );
+        // An fsync or syncfs EIO: written data was lost.
+        for op in ["fsync", "fsync-dir", "fsio::syncfs", "fsio::sync_data"] {
+            let e = Error::io(op, Path::new("/d"), io::Error::from_raw_os_error(libc::EIO));
+            assert_eq!(e.class, ErrorClass::Integrity, "{op}");
+            assert!(e.hint(Some("t")).contains("written data was lost"), "{op}");
+        }
         assert_eq!(
-            ErrorClass::from_errno(libc::EIO, "fsync"),
+            ErrorClass::from_errno(libc::EIO, "write"),
             ErrorClass::Resource
         );
         // A failed fsync is never retried, whatever errno it gave.

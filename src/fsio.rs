@@ -23,7 +23,7 @@ use crate::error::{IoContext, Result};
 use crate::failpoints;
 
 mod tree;
-pub use tree::{linked_dir, Meta, Tree};
+pub use tree::{foreign_temp, key_of, linked_dir, FileKey, Meta, Tree};
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
 static SYNC_ENABLED: AtomicBool = AtomicBool::new(true);

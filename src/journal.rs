@@ -9,7 +9,11 @@
 //! made durable, and records are fsynced in batches. A second kind, "void entry E", is written at
 //! the start of an attempt that found E's temporary file gone or short: it cancels every record of
 //! E's units from earlier attempts, so bytes journaled for a temporary file that no longer exists
-//! are never vouched for by a new file of the same name. Reading keeps every record that checks out
+//! are never vouched for by a new file of the same name. A third kind, "entry E's temporary file
+//! is inode I", is written with the first record of a temporary file ferry created: only that
+//! very file (its inode, its device, and the source version its bytes were read from) is ever
+//! reopened, trusted, renamed or removed as E's; a file of the same name and size that the journal
+//! does not name is never trusted. Reading keeps every record that checks out
 //! and discards the rest (their units are redone); a header that does not check out is an
 //! `integrity` error naming the file, never a silent fresh start.
 
@@ -33,6 +37,7 @@ const MAGIC: &[u8; 8] = b"FERRYJNL";
 const VERSION: u32 = 1;
 const KIND_UNIT: u8 = 1;
 const KIND_VOID: u8 = 2;
+const KIND_TEMP: u8 = 3;
 /// Records buffered before a flush.
 const BATCH: usize = 64;
 /// Longest time a finished unit waits in the buffer.
@@ -80,6 +85,107 @@ impl UnitDone {
     }
 }
 
+/// A temporary file ferry created for an entry, as the journal records it: the attempt that made
+/// it (part of its name), its inode and device, and the source version its bytes come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct TempId {
+    /// The attempt that created it (its name carries this number).
+    pub gen: u32,
+    /// Its inode.
+    pub ino: u64,
+    /// A hash of its device.
+    pub dev: u32,
+    /// A hash of the source's identity (device, inode, size, mtime, ctime) when it was made.
+    pub src: u32,
+}
+
+impl TempId {
+    /// Whether `key` (see [`crate::fsio::FileKey`]) is this very file.
+    pub fn is(&self, key: (u32, u64)) -> bool {
+        (self.dev, self.ino) == key
+    }
+
+    /// The key of this file, as [`crate::fsio::FileKey::key`] gives it.
+    pub fn key(&self) -> (u32, u64) {
+        (self.dev, self.ino)
+    }
+}
+
+/// What a temporary file's record keeps of its device and birth time: an inode number is reused
+/// once its file is deleted, a birth time tells the new file from the old one (file systems
+/// without birth times: the device alone).
+pub fn dev_hash(dev: u64, born: Option<(i64, u32)>) -> u32 {
+    let mut b = [0u8; 20];
+    b[..8].copy_from_slice(&dev.to_le_bytes());
+    if let Some((s, ns)) = born {
+        b[8..16].copy_from_slice(&s.to_le_bytes());
+        b[16..20].copy_from_slice(&ns.to_le_bytes());
+    }
+    crc32fast::hash(&b)
+}
+
+/// The identity of a version of a source file: any change of device, inode, size, modification
+/// or change time gives another value.
+pub fn src_hash(dev: u64, ino: u64, size: u64, mtime: (i64, u32), ctime: (i64, u32)) -> u32 {
+    let mut b = [0u8; 48];
+    b[..8].copy_from_slice(&dev.to_le_bytes());
+    b[8..16].copy_from_slice(&ino.to_le_bytes());
+    b[16..24].copy_from_slice(&size.to_le_bytes());
+    b[24..32].copy_from_slice(&mtime.0.to_le_bytes());
+    b[32..36].copy_from_slice(&mtime.1.to_le_bytes());
+    b[36..44].copy_from_slice(&ctime.0.to_le_bytes());
+    b[44..48].copy_from_slice(&ctime.1.to_le_bytes());
+    crc32fast::hash(&b)
+}
+
+/// [`src_hash`] of a source's `fstat`/`lstat`.
+pub fn src_hash_of(st: &rustix::fs::Stat) -> u32 {
+    src_hash(
+        st.st_dev,
+        st.st_ino,
+        st.st_size as u64,
+        (st.st_mtime, st.st_mtime_nsec as u32),
+        (st.st_ctime, st.st_ctime_nsec as u32),
+    )
+}
+
+/// Each entry's temporary file, by entry index.
+pub type Idents = HashMap<u32, TempId>;
+
+fn encode_temp(entry: u32, id: &TempId) -> [u8; RECORD_SIZE] {
+    let mut b = [0u8; RECORD_SIZE];
+    b[0] = 0xFE;
+    b[1] = KIND_TEMP;
+    b[4..8].copy_from_slice(&entry.to_le_bytes());
+    b[8..12].copy_from_slice(&id.gen.to_le_bytes());
+    b[12..20].copy_from_slice(&id.ino.to_le_bytes());
+    b[20..24].copy_from_slice(&id.dev.to_le_bytes());
+    b[24..28].copy_from_slice(&id.src.to_le_bytes());
+    let c = crc32fast::hash(&b[..28]);
+    b[28..32].copy_from_slice(&c.to_le_bytes());
+    b
+}
+
+fn decode_temp(b: &[u8]) -> Option<(u32, TempId)> {
+    if b.len() != RECORD_SIZE || b[0] != 0xFE || b[1] != KIND_TEMP {
+        return None;
+    }
+    let c = u32::from_le_bytes(b[28..32].try_into().ok()?);
+    if crc32fast::hash(&b[..28]) != c {
+        return None;
+    }
+    let u = |r: std::ops::Range<usize>| u32::from_le_bytes(b[r].try_into().unwrap_or([0; 4]));
+    Some((
+        u(4..8),
+        TempId {
+            gen: u(8..12),
+            ino: u64::from_le_bytes(b[12..20].try_into().ok()?),
+            dev: u(20..24),
+            src: u(24..28),
+        },
+    ))
+}
+
 fn header(rank: u32, attempt: u32, plan_crc: u32) -> [u8; RECORD_SIZE] {
     let mut b = [0u8; RECORD_SIZE];
     b[..8].copy_from_slice(MAGIC);
@@ -102,18 +208,21 @@ struct Inner {
     failed: Option<Error>,
 }
 
-/// "Records of entry E's units from earlier attempts describe a temporary file that is gone."
-fn encode_void(entry: u32) -> [u8; RECORD_SIZE] {
+/// "Records of entry E's units and temporary file made by attempts up to `upto` describe a file
+/// that is gone or not to be trusted." (`upto` 0 in records written before it: the attempts
+/// before the one whose journal holds the record.)
+fn encode_void(entry: u32, upto: u32) -> [u8; RECORD_SIZE] {
     let mut b = [0u8; RECORD_SIZE];
     b[0] = 0xFE;
     b[1] = KIND_VOID;
     b[4..8].copy_from_slice(&entry.to_le_bytes());
+    b[8..12].copy_from_slice(&upto.to_le_bytes());
     let c = crc32fast::hash(&b[..28]);
     b[28..32].copy_from_slice(&c.to_le_bytes());
     b
 }
 
-fn decode_void(b: &[u8]) -> Option<u32> {
+fn decode_void(b: &[u8]) -> Option<(u32, u32)> {
     if b.len() != RECORD_SIZE || b[0] != 0xFE || b[1] != KIND_VOID {
         return None;
     }
@@ -121,12 +230,16 @@ fn decode_void(b: &[u8]) -> Option<u32> {
     if crc32fast::hash(&b[..28]) != c {
         return None;
     }
-    Some(u32::from_le_bytes(b[4..8].try_into().ok()?))
+    Some((
+        u32::from_le_bytes(b[4..8].try_into().ok()?),
+        u32::from_le_bytes(b[8..12].try_into().ok()?),
+    ))
 }
 
 /// One rank's journal for one attempt. Shared by the rank's copy threads.
 pub struct Journal {
     path: PathBuf,
+    attempt: u32,
     inner: Mutex<Inner>,
     /// Handles of the destination directories whose fsyncs precede a flush.
     tree: fsio::Tree,
@@ -144,6 +257,7 @@ impl Journal {
             .ctx("open", &path)?;
         Ok(Journal {
             path,
+            attempt,
             inner: Mutex::new(Inner {
                 file,
                 pending: Vec::new(),
@@ -158,8 +272,16 @@ impl Journal {
     /// Record a finished unit. `new_dir` is the directory of a temporary file this unit created
     /// (with its depth below its anchor): it is fsynced before the record is written. Flushes
     /// when the batch is full or old.
-    pub fn record(&self, rec: UnitDone, new_dir: Option<(&Path, u16)>) -> Result<()> {
+    pub fn record(
+        &self,
+        rec: UnitDone,
+        created: Option<(u32, TempId)>,
+        new_dir: Option<(&Path, u16)>,
+    ) -> Result<()> {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((e, id)) = created {
+            g.pending.extend_from_slice(&encode_temp(e, &id));
+        }
         g.pending.extend_from_slice(&rec.encode());
         if let Some((d, depth)) = new_dir {
             g.dirs.insert(d.to_path_buf(), depth);
@@ -173,19 +295,56 @@ impl Journal {
 
     /// Durably void the earlier attempts' records of `entries` (call before copying anything).
     pub fn void(&self, entries: &[u32]) -> Result<()> {
+        self.void_upto(entries, self.attempt.saturating_sub(1))
+    }
+
+    /// Durably void every record of `entries` so far, this attempt's included: what they vouch
+    /// for was found wrong (a read-back or HDF5 check); a later attempt copies them again into new
+    /// temporary files.
+    pub fn void_all(&self, entries: &[u32]) -> Result<()> {
+        self.void_upto(entries, self.attempt)
+    }
+
+    fn void_upto(&self, entries: &[u32], upto: u32) -> Result<()> {
         {
             let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             for &e in entries {
-                g.pending.extend_from_slice(&encode_void(e));
+                g.pending.extend_from_slice(&encode_void(e, upto));
             }
         }
         self.flush()
     }
 
-    /// Append the records of units made durable together (by one `syncfs`, which also made
-    /// their temporary files' names durable) and write them out with one fsync.
-    pub fn record_synced(&self, recs: &[UnitDone]) -> Result<()> {
+    /// Record the temporary file `id` of `entry`, made before any copying (the file's name is
+    /// made durable first), and write it out.
+    pub fn record_created(&self, entry: u32, id: TempId, dir: (&Path, u16)) -> Result<()> {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.dirs.insert(dir.0.to_path_buf(), dir.1);
+        g.pending.extend_from_slice(&encode_temp(entry, &id));
+        g.oldest.get_or_insert_with(Instant::now);
+        self.flush_locked(&mut g)
+    }
+
+    /// Note the temporary file `id` of `entry` (written out with the next flush).
+    pub fn note_created(&self, entry: u32, id: TempId, dir: (&Path, u16)) -> Result<()> {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = &g.failed {
+            return Err(e.clone());
+        }
+        g.dirs.insert(dir.0.to_path_buf(), dir.1);
+        g.pending.extend_from_slice(&encode_temp(entry, &id));
+        g.oldest.get_or_insert_with(Instant::now);
+        Ok(())
+    }
+
+    /// Append the records of units made durable together (by one `syncfs`, which also made
+    /// their temporary files' names durable), with the temporary files they created, and write
+    /// them out with one fsync.
+    pub fn record_synced(&self, recs: &[UnitDone], created: &[(u32, TempId)]) -> Result<()> {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        for (e, id) in created {
+            g.pending.extend_from_slice(&encode_temp(*e, id));
+        }
         for r in recs {
             g.pending.extend_from_slice(&r.encode());
         }
@@ -236,6 +395,8 @@ impl Journal {
 pub struct Scan {
     /// Units recorded as durable, by unit index.
     pub units: HashMap<u32, UnitDone>,
+    /// The temporary file of each entry, as recorded when it was created.
+    pub idents: Idents,
     /// Records discarded as torn, corrupt or not matching the plan.
     pub discarded: usize,
     /// Journal files read.
@@ -244,46 +405,59 @@ pub struct Scan {
     pub last_attempt: u32,
 }
 
-/// Read every journal of the transfer against its plan.
+/// Read every journal of the transfer against its plan. A void record of entry E with limit L
+/// cancels every record of E made by attempts up to L (a void written when an attempt starts:
+/// the earlier attempts; one written after a failed check: that attempt too); the latest
+/// surviving record of a unit or a temporary file counts.
 pub fn scan(td: &TransferDir, plan: &Plan, plan_crc: u32) -> Result<Scan> {
     let mut out = Scan::default();
-    // Attempt by attempt: an attempt's voids cancel what earlier attempts recorded for those
-    // entries (they were written before that attempt copied anything), then its units count.
-    let mut by_attempt: std::collections::BTreeMap<u32, Vec<PathBuf>> = Default::default();
+    let mut units: Vec<(u32, UnitDone)> = Vec::new();
+    let mut temps: Vec<(u32, u32, TempId)> = Vec::new();
+    let mut upto: HashMap<u32, u32> = HashMap::new();
     for (attempt, path) in td.journals()? {
-        by_attempt.entry(attempt).or_default().push(path);
-    }
-    for (attempt, paths) in by_attempt {
-        let mut voids = Vec::new();
-        let mut units = Vec::new();
-        for path in paths {
-            let bytes = std::fs::read(&path).ctx("read", &path)?;
-            check_header(&bytes, &path, plan_crc)?;
-            out.files += 1;
-            out.last_attempt = out.last_attempt.max(attempt);
-            let body = &bytes[RECORD_SIZE..];
-            if body.len() % RECORD_SIZE != 0 {
-                out.discarded += 1; // a torn tail
-            }
-            for chunk in body.chunks_exact(RECORD_SIZE) {
-                match (UnitDone::decode(chunk), decode_void(chunk)) {
-                    (Some(r), _)
-                        if (r.unit as usize) < plan.n_units() && plan.unit(r.unit).len == r.len =>
-                    {
-                        units.push(r)
-                    }
-                    (_, Some(e)) => voids.push(e),
-                    _ => out.discarded += 1,
+        let bytes = std::fs::read(&path).ctx("read", &path)?;
+        check_header(&bytes, &path, plan_crc)?;
+        out.files += 1;
+        out.last_attempt = out.last_attempt.max(attempt);
+        let body = &bytes[RECORD_SIZE..];
+        if body.len() % RECORD_SIZE != 0 {
+            out.discarded += 1; // a torn tail
+        }
+        for chunk in body.chunks_exact(RECORD_SIZE) {
+            if let Some(r) = UnitDone::decode(chunk) {
+                if (r.unit as usize) < plan.n_units() && plan.unit(r.unit).len == r.len {
+                    units.push((attempt, r));
+                    continue;
+                }
+            } else if let Some((e, limit)) = decode_void(chunk) {
+                let limit = if limit == 0 {
+                    attempt.saturating_sub(1)
+                } else {
+                    limit
+                };
+                let u = upto.entry(e).or_insert(0);
+                *u = (*u).max(limit);
+                continue;
+            } else if let Some((e, id)) = decode_temp(chunk) {
+                if (e as usize) < plan.n_entries() {
+                    temps.push((attempt, e, id));
+                    continue;
                 }
             }
+            out.discarded += 1;
         }
-        if !voids.is_empty() {
-            let voided: std::collections::HashSet<u32> = voids.into_iter().collect();
-            out.units
-                .retain(|u, _| !voided.contains(&plan.unit(*u).entry));
-        }
-        for r in units {
+    }
+    let alive = |e: u32, attempt: u32| upto.get(&e).is_none_or(|&l| attempt > l);
+    units.sort_by_key(|(a, _)| *a);
+    for (a, r) in units {
+        if alive(plan.unit(r.unit).entry, a) {
             out.units.insert(r.unit, r);
+        }
+    }
+    temps.sort_by_key(|(a, _, _)| *a);
+    for (a, e, id) in temps {
+        if alive(e, a) {
+            out.idents.insert(e, id);
         }
     }
     if out.discarded > 0 {

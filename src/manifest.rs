@@ -154,7 +154,10 @@ pub fn verify(m: &Manifest) -> Vec<Error> {
                     format!("size is {} bytes, the manifest says {}", md.len(), f.size),
                 ));
             }
-            if md.mode() & 0o7777 != f.mode {
+            // Set-id bits may be missing (ferry drops them where the copy is not the source
+            // owner's, with a warning), never added; every other bit must match.
+            let mode = md.mode() & 0o7777;
+            if mode & !0o6000 != f.mode & !0o6000 || mode & 0o6000 & !f.mode != 0 {
                 return Some(Error::integrity(
                     &f.path,
                     format!(

@@ -95,6 +95,12 @@ pub struct Entry {
     /// Inode of the source when planned (a source is removed only if it is still this file).
     #[serde(default)]
     pub ino: u64,
+    /// Device of the source when planned (0 in plans written before it).
+    #[serde(default)]
+    pub dev: u64,
+    /// Change time of the source when planned (seconds, nanoseconds; zero in older plans).
+    #[serde(default)]
+    pub ctime: (i64, u32),
     /// How many components of `src` lie below the directory the user named, its *anchor*: a
     /// root directory 0, a file in it 1. Every directory below an anchor is opened without
     /// following a symlink (`fsio::Tree`). Plans written before it: 1.
@@ -160,6 +166,11 @@ pub struct Plan {
     pub preserve: bool,
     /// Copy threads per rank.
     pub threads: usize,
+    /// A random token of this plan, part of every temporary name (`.ferry-ID-NONCE-E-G.tmp`):
+    /// two transfers of one id (every AXL transfer with a state file is `xfer`) never share a
+    /// temporary name. Empty in plans written before it.
+    #[serde(default)]
+    pub nonce: String,
     /// Everything to create, parents before children (in a slice: only the entries held).
     pub entries: Vec<Entry>,
     /// The file pieces to copy (in a slice: only the units held).
@@ -193,6 +204,7 @@ pub struct SliceView<'a> {
     verify: bool,
     preserve: bool,
     threads: usize,
+    nonce: &'a str,
     entries: Vec<&'a Entry>,
     units: Vec<Unit>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -376,6 +388,7 @@ impl Plan {
             verify: self.verify,
             preserve: self.preserve,
             threads: self.threads,
+            nonce: &self.nonce,
             entries: ents.iter().map(|&e| &self.entries[e as usize]).collect(),
             units: units.iter().map(|&u| self.units[u as usize]).collect(),
             entry_ids: ents.into_iter().collect(),
@@ -401,6 +414,7 @@ impl Plan {
             verify: self.verify,
             preserve: self.preserve,
             threads: self.threads,
+            nonce: self.nonce.clone(),
             entries: Vec::new(),
             units: Vec::new(),
             entry_ids: Vec::new(),
@@ -628,6 +642,8 @@ fn entry_from(
         target: None,
         holder,
         ino: md.ino(),
+        dev: md.dev(),
+        ctime: time_of(md.ctime(), md.ctime_nsec()),
         depth,
         in_dest: false,
     }
@@ -794,8 +810,9 @@ fn walk_dir(
 const PATH_MAX: usize = libc::PATH_MAX as usize;
 /// The longest name of one path component.
 const NAME_MAX: usize = 255;
-/// Room for the temporary name beside a file (`.ferry-ID-N.tmp`, ID at most 64 bytes).
-const TEMP_NAME_MAX: usize = 7 + 64 + 1 + 20 + 4;
+/// Room for the temporary name beside a file (`.ferry-ID-NONCE-E-G.tmp`, ID at most 64 bytes,
+/// a 16-digit nonce, entry and attempt numbers).
+const TEMP_NAME_MAX: usize = 7 + 64 + 1 + 16 + 1 + 10 + 1 + 10 + 4;
 
 /// Refuse plans that would write over their own sources: a destination equal to, inside, or
 /// containing a source, sources inside one another, two entries with one destination path, or a
@@ -889,6 +906,8 @@ mod tests {
             target: None,
             holder: None,
             ino: 0,
+            dev: 0,
+            ctime: (0, 0),
             depth: 1,
             in_dest: false,
         }
@@ -910,6 +929,7 @@ mod tests {
             delete_source: false,
             verify: false,
             preserve: false,
+            nonce: String::new(),
             threads: 1,
             entries,
             units,

@@ -358,6 +358,28 @@ pub fn new_id() -> String {
     format!("{stamp}-{:06x}", h.finish() & 0xff_ffff)
 }
 
+/// A fresh random token for a plan (16 hex digits), part of its temporary names.
+pub fn new_nonce() -> String {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    let mut r = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut r))
+        .is_ok()
+    {
+        h.write(&r);
+    }
+    format!("{:016x}", h.finish())
+}
+
 /// Ids are file names: letters, digits, `.`, `_`, `-`; 1 to 64 of them, not starting with `.`.
 pub fn validate_id(id: &str) -> Result<()> {
     let ok = !id.is_empty()

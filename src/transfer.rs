@@ -33,7 +33,7 @@ use crate::error::{Error, ErrorClass, IoContext, Result};
 use crate::failpoints;
 use crate::fsio;
 use crate::h5;
-use crate::journal::{self, Journal};
+use crate::journal::{self, Idents, Journal, TempId};
 use crate::manifest::{self, CommitRecord};
 use crate::plan::{self, Entry, Kind, Layout, Plan};
 use crate::retry::RetryPolicy;
@@ -569,6 +569,7 @@ fn make_plan(
         verify: opts.verify,
         preserve: opts.preserve,
         threads: opts.threads,
+        nonce: state::new_nonce(),
         entries,
         units,
         entry_ids: Vec::new(),
@@ -629,7 +630,12 @@ struct Known {
     discarded: usize,
     /// (unit, len, crc) of every journaled unit.
     records: Vec<(u32, u64, u32)>,
+    /// The temporary file the journals record for each entry.
+    idents: Vec<(u32, TempId)>,
 }
+
+/// Temporary files a rank made, as ranks exchange them: (entry, identity).
+type Made = Vec<(u32, TempId)>;
 
 /// A journal record as ranks exchange it: (unit, length, CRC32).
 type Record = (u32, u64, u32);
@@ -640,6 +646,7 @@ type Record = (u32, u64, u32);
 struct SliceMsg<P = Plan> {
     plan: P,
     records: Vec<Record>,
+    idents: Vec<(u32, TempId)>,
 }
 
 /// Rank 0 encodes `make(r)` for each other rank `r` and sends it, one rank at a time (it never
@@ -666,19 +673,20 @@ fn send_each<T: Serialize, U: for<'a> Deserialize<'a>>(
     agree(comm, local)
 }
 
-/// Rank 0 sends every other rank the entries it owns, their units and their journal records.
-/// Returns this rank's slice and records (rank 0: the header and every record; it works on the
-/// whole plan).
+/// Rank 0 sends every other rank the entries it owns, their units, their journal records and
+/// their temporary files. Returns this rank's slice, records and temporary files (rank 0: the
+/// header and everything; it works on the whole plan).
 fn deliver_owned(
     comm: &dyn Comm,
     plan: &Plan,
     records: Vec<Record>,
-) -> Result<(Plan, Vec<Record>)> {
+    idents: Idents,
+) -> Result<(Plan, Vec<Record>, Idents)> {
     let (me, n) = (comm.rank(), comm.size());
     if me != 0 {
         let msg: Option<SliceMsg> = send_each(comm, |_| ())?;
         let msg = msg.ok_or_else(|| Error::internal("no slice from rank 0"))?;
-        return Ok((msg.plan, msg.records));
+        return Ok((msg.plan, msg.records, msg.idents.into_iter().collect()));
     }
     let mut ents = vec![std::collections::BTreeSet::new(); n];
     let mut units = vec![std::collections::BTreeSet::new(); n];
@@ -696,8 +704,12 @@ fn deliver_owned(
             .iter()
             .filter_map(|u| by_unit.get(u).copied())
             .collect(),
+        idents: ents[r]
+            .iter()
+            .filter_map(|e| idents.get(e).map(|id| (*e, *id)))
+            .collect(),
     })?;
-    Ok((plan.header(), records))
+    Ok((plan.header(), records, idents))
 }
 
 /// What rank 0 tells a rank before the copy: the units it copies, those it verifies, and the
@@ -736,6 +748,8 @@ fn read_known(td: &TransferDir, plan: &Plan, crc: u32) -> Result<Known> {
         .map(|r| (r.unit, r.len, r.crc))
         .collect();
     records.sort_unstable();
+    let mut idents: Vec<(u32, TempId)> = scan.idents.into_iter().collect();
+    idents.sort_unstable_by_key(|(e, _)| *e);
     Ok(Known {
         committed: commit.is_some(),
         cancelled: cancelled.is_some(),
@@ -745,21 +759,27 @@ fn read_known(td: &TransferDir, plan: &Plan, crc: u32) -> Result<Known> {
         attempt: scan.last_attempt + 1,
         discarded: scan.discarded,
         records,
+        idents,
     })
 }
 
 /// Keep the journaled units of the entries this rank owns whose data is still where the journal
-/// says: in the temporary file, or (after the decision) at the final name with the planned size.
-/// Entries whose temporary file is gone or shorter than its journal says are returned to be
-/// voided: their old records describe a file that no longer exists, and must not vouch for a new
-/// one made under the same name.
+/// says: in the very temporary file the journal records (its inode, at least as long as the
+/// units), or, after the decision, at the final name as that same inode (a rename keeps it).
+/// Before the decision the source must also still be the version the temporary file was made
+/// from. Everything else is returned to be voided (and its temporary file, where it is still
+/// provably ferry's, removed once the void is durable): its old records describe a file that no
+/// longer exists or cannot be trusted, and must not vouch for a new one. A file ferry cannot prove
+/// its own is never trusted nor removed.
 fn still_durable(
     plan: &Plan,
     records: &[(u32, u64, u32)],
+    idents: &Idents,
     decided: bool,
-    me: usize,
-    n: usize,
-) -> (Vec<u32>, Vec<u32>) {
+    (me, n): (usize, usize),
+) -> Result<(Vec<u32>, Vec<u32>)> {
+    let tree = fsio::Tree::new();
+    let src_tree = fsio::Tree::new();
     let journaled: HashMap<u32, u64> = records.iter().map(|&(u, l, _)| (u, l)).collect();
     let mut ok = Vec::new();
     let mut void = Vec::new();
@@ -768,21 +788,42 @@ fn still_durable(
             continue;
         }
         let units = plan.units_of(e);
-        if !units.iter().any(|u| journaled.contains_key(u)) {
-            continue;
-        }
-        let ent = plan.entry(e);
-        let tmp = engine::temp_path(plan, e);
         let mine: Vec<u32> = units
             .iter()
             .copied()
             .filter(|u| journaled.contains_key(u))
             .collect();
-        match std::fs::symlink_metadata(&tmp) {
-            Ok(md) if md.is_file() => {
+        let id = idents.get(&(e as u32));
+        if mine.is_empty() && id.is_none() {
+            continue;
+        }
+        let ent = plan.entry(e);
+        let Some(id) = id.filter(|_| !mine.is_empty()) else {
+            void.push(e as u32);
+            continue;
+        };
+        if !decided {
+            let same_source = src_tree
+                .stat(&ent.src, ent.depth)
+                .ok()
+                .flatten()
+                .is_some_and(|st| journal::src_hash_of(&st) == id.src);
+            if !same_source {
+                log::info!(
+                    "'{}' is not the version its journaled units were copied from (or is gone); \
+                     its units are copied again",
+                    ent.src.display()
+                );
+                void.push(e as u32);
+                continue;
+            }
+        }
+        let tmp = engine::temp_path(plan, e, id.gen);
+        match tree.key(&tmp, ent.dst_depth())? {
+            Some(k) if k.regular && id.is(k.key) => {
                 let whole = mine.iter().all(|&u| {
                     let unit = plan.unit(u);
-                    md.len() >= unit.offset + unit.len
+                    k.size >= unit.offset + unit.len
                 });
                 if whole {
                     ok.extend(mine);
@@ -790,21 +831,72 @@ fn still_durable(
                     void.push(e as u32);
                 }
             }
+            Some(_) => {
+                let st = tree.stat(&tmp, ent.dst_depth())?;
+                log::warn!("{} (left in place)", fsio::foreign_temp(&tmp, st.as_ref()));
+                void.push(e as u32);
+            }
             // After the decision a missing temporary file was renamed (its directory entry was
-            // made durable before the decision, so power loss cannot have taken it).
-            Err(_)
-                if decided
-                    && units.iter().all(|u| journaled.contains_key(u))
-                    && std::fs::symlink_metadata(&ent.dst)
-                        .map(|m| m.is_file() && m.len() == ent.size)
-                        .unwrap_or(false) =>
+            // made durable before the decision, so power loss cannot have taken it) — if the
+            // final name is that very file.
+            None if decided
+                && units.iter().all(|u| journaled.contains_key(u))
+                && tree
+                    .key(&ent.dst, ent.dst_depth())?
+                    .is_some_and(|k| id.is(k.key) && k.size == ent.size) =>
             {
                 ok.extend(mine)
             }
-            _ => void.push(e as u32),
+            None => void.push(e as u32),
         }
     }
-    (ok, void)
+    Ok((ok, void))
+}
+
+/// Remove the temporary files of `void`ed entries that are still provably ferry's (the inode
+/// `idents` records); their void is durable already. Then, for every file this rank owns that
+/// is copied again in attempt `attempt`, what killed attempts left at its temporary names without
+/// journaling it (see [`commit::sweep_leftovers`]).
+fn drop_voided(
+    plan: &Plan,
+    (void, ok): (&[u32], &[u32]),
+    idents: &Idents,
+    attempt: u32,
+    (me, n): (usize, usize),
+) -> Result<()> {
+    let tree = fsio::Tree::new();
+    for &e in void {
+        let Some(id) = idents.get(&e) else { continue };
+        let ent = plan.entry(e as usize);
+        let tmp = engine::temp_path(plan, e as usize, id.gen);
+        if tree
+            .key(&tmp, ent.dst_depth())?
+            .is_some_and(|k| k.regular && id.is(k.key))
+        {
+            tree.remove_file(&tmp, ent.dst_depth())?;
+        }
+    }
+    if attempt <= 1 {
+        return Ok(());
+    }
+    let mut kept: HashMap<u32, usize> = HashMap::new();
+    for &u in ok {
+        *kept.entry(plan.unit(u).entry).or_default() += 1;
+    }
+    for e in plan.held_entries() {
+        if plan.entry(e).kind != Kind::File || plan.owner(e, n) != me {
+            continue;
+        }
+        let have = kept.get(&(e as u32)).copied().unwrap_or(0);
+        if have < plan.units_of(e).len() {
+            let keep = idents
+                .get(&(e as u32))
+                .filter(|_| have > 0)
+                .map(|id| id.gen);
+            commit::sweep_leftovers(&tree, plan, e, attempt, keep)?;
+        }
+    }
+    Ok(())
 }
 
 /// The phases every run goes through once the plan is known.
@@ -830,12 +922,16 @@ fn execute(
     let _member = agree(comm, state::Member::join(td))?;
     // Journal records stay on rank 0; each rank is sent those of the entries it owns.
     let mut records = Vec::new();
+    let mut idents = Idents::new();
     let known: Known = from_root(comm, || {
         let mut k = read_known(td, plan, crc)?;
         records = std::mem::take(&mut k.records);
+        idents = std::mem::take(&mut k.idents).into_iter().collect();
         Ok(k)
     })?;
-    let (mut slice, records) = deliver_owned(comm, plan, records)?;
+    let (mut slice, records, idents) = deliver_owned(comm, plan, records, idents)?;
+    // The temporary files this rank may write, learned and made in this attempt.
+    let temps = engine::Temps::new(known.attempt, Idents::new());
     let mut sum = Summary {
         id: plan.id.clone(),
         state: State::Copying,
@@ -891,7 +987,15 @@ fn execute(
     let progress = engine::progress_or_default(run.progress.as_ref());
     let res = match &dest {
         Ok(_) => run_phases(
-            comm, td, plan, &mut slice, &records, crc, run, &known, &stopper, &progress, &mut sum,
+            comm,
+            td,
+            (plan, &mut slice),
+            (&records, &idents, &temps),
+            crc,
+            run,
+            &known,
+            (&stopper, &progress),
+            &mut sum,
         ),
         Err(e) => Err(e.clone()),
     };
@@ -899,7 +1003,10 @@ fn execute(
     let res = match res {
         Ok(()) => Ok(()),
         Err(e) if e.class == ErrorClass::Cancelled => {
-            let cleaned = commit::remove_temps(wp, me, n);
+            // The temporary files of the entries this rank owns as the journals record them, and
+            // those it made in this attempt: only files provably ferry's are removed.
+            let cleaned = commit::remove_temps(wp, me, n, &idents, &temps.created())
+                .and_then(|_| sweep_owned(wp, (me, n), known.attempt + 1));
             let cleaned = agree(comm, cleaned.map(|_| ()));
             if me == 0 && cleaned.is_ok() {
                 let (user, host) = state::who();
@@ -940,14 +1047,12 @@ fn execute(
 fn run_phases(
     comm: &dyn Comm,
     td: &TransferDir,
-    plan: &Plan,
-    slice: &mut Plan,
-    records: &[(u32, u64, u32)],
+    (plan, slice): (&Plan, &mut Plan),
+    (records, idents, temps): (&[(u32, u64, u32)], &Idents, &engine::Temps),
     crc: u32,
     run: &RunOptions,
     known: &Known,
-    stopper: &Stopper,
-    progress: &Progress,
+    (stopper, progress): (&Stopper, &Progress),
     sum: &mut Summary,
 ) -> Result<()> {
     let (me, n) = (comm.rank(), comm.size());
@@ -978,15 +1083,32 @@ fn run_phases(
     // Which journaled units are still durable where the journal says (each rank for the entries
     // it owns); void the records of temporary files that are gone before anything can make a
     // new one under the same name.
-    let (ok, void) = {
+    let checked = {
         let wp = if me == 0 { plan } else { &*slice };
-        still_durable(wp, records, known.decided, me, n)
+        still_durable(wp, records, idents, known.decided, (me, n)).and_then(|(ok, void)| {
+            journal.void(&void)?;
+            drop_voided(wp, (&void, &ok), idents, known.attempt, (me, n))?;
+            // The temporary files that still hold journaled units are the ones to write into.
+            let keep: BTreeSet<u32> = ok.iter().map(|&u| wp.unit(u).entry).collect();
+            temps.learn(
+                idents
+                    .iter()
+                    .filter(|(e, _)| keep.contains(e))
+                    .map(|(e, id)| (*e, *id)),
+            );
+            encode(&ok)
+        })
     };
-    let ok = agree(comm, journal.void(&void).and_then(|_| encode(&ok)))?;
+    let ok = agree(comm, checked)?;
     let all_ok = comm.gather(0, &ok)?;
 
     // Rank 0 decides who copies and who verifies what, and sends each rank its share.
     let mut crcs: HashMap<u32, u32> = HashMap::new();
+    // Rank 0: every entry's temporary file (those the journals vouch for, those made now), and
+    // the files cut into several units that must be copied now (their temporary file is made
+    // before the copy, by rank 0, when several ranks copy them).
+    let mut full = Idents::new();
+    let mut several: Vec<u32> = Vec::new();
     let work = if me == 0 {
         (|| {
             let journaled: HashMap<u32, u32> = records.iter().map(|&(u, _, c)| (u, c)).collect();
@@ -1001,6 +1123,17 @@ fn run_phases(
             sum.bytes_reused = reused;
             let todo: Vec<u32> = (0..plan.n_units() as u32)
                 .filter(|u| !crcs.contains_key(u))
+                .collect();
+            let kept: BTreeSet<u32> = crcs.keys().map(|&u| plan.unit(u).entry).collect();
+            full = idents
+                .iter()
+                .filter(|(e, _)| kept.contains(e))
+                .map(|(e, id)| (*e, *id))
+                .collect();
+            let todo_entries: BTreeSet<u32> = todo.iter().map(|&u| plan.unit(u).entry).collect();
+            several = todo_entries
+                .into_iter()
+                .filter(|&e| plan.units_of(e as usize).len() > 1)
                 .collect();
             progress.total.store(plan.bytes_total(), Ordering::Relaxed);
             progress.done.fetch_add(reused, Ordering::Relaxed);
@@ -1085,6 +1218,28 @@ fn run_phases(
         tree.create_dirs(want).map(|_| ())
     };
     agree(comm, dirs)?;
+    let src_tree = fsio::Tree::new();
+
+    // A file that several ranks copy at once gets its temporary file from rank 0 before the copy
+    // (journaled there), so no rank ever writes into a file it cannot prove is the transfer's.
+    // Within one rank, copy threads take turns to make one.
+    if plan.layout == Layout::Shared && n > 1 {
+        let made: Vec<(u32, TempId)> = from_root(comm, || {
+            let mut v = Vec::new();
+            for &e in &several {
+                let id = match full.get(&e) {
+                    Some(id) => *id,
+                    None => temps.make(plan, &tree, &src_tree, &journal, e as usize)?,
+                };
+                v.push((e, id));
+            }
+            Ok(v)
+        })?;
+        if me == 0 {
+            full.extend(made.iter().copied());
+        }
+        temps.learn(made);
+    }
 
     // Copy.
     let job = CopyJob {
@@ -1094,17 +1249,42 @@ fn run_phases(
         progress,
         retry: run.retry,
         tree: &tree,
-        src_tree: &fsio::Tree::new(),
+        src_tree: &src_tree,
+        temps,
     };
     let copied = engine::copy_units(&job, &pool, &work.copy);
     let copied = agree(comm, copied)?;
     let mine_bytes: u64 = copied.iter().map(|r| r.len).sum();
     let recs: Vec<(u32, u32)> = copied.iter().map(|r| (r.unit, r.crc)).collect();
-    for b in comm.gather(0, &encode(&recs)?)? {
-        for (u, c) in decode::<Vec<(u32, u32)>>(&b)? {
+    for b in comm.gather(0, &encode(&(recs, temps.created()))?)? {
+        let (recs, made): (Vec<(u32, u32)>, Made) = decode(&b)?;
+        for (u, c) in recs {
             crcs.insert(u, c);
         }
+        full.extend(made);
     }
+    // Each rank learns the temporary files of the entries it finishes (owns) and verifies.
+    let finals: Idents = if me == 0 {
+        let mut per: Vec<BTreeSet<u32>> = vec![BTreeSet::new(); n];
+        for e in 0..plan.n_entries() {
+            if plan.entry(e).kind == Kind::File {
+                per[plan.owner(e, n)].insert(e as u32);
+            }
+        }
+        for (r, units) in check.iter().enumerate().skip(1) {
+            per[r].extend(units.iter().map(|&u| plan.unit(u).entry));
+        }
+        send_each::<_, ()>(comm, |r| {
+            per[r]
+                .iter()
+                .filter_map(|e| full.get(e).map(|id| (*e, *id)))
+                .collect::<Vec<(u32, TempId)>>()
+        })?;
+        std::mem::take(&mut full)
+    } else {
+        let mine: Option<Vec<(u32, TempId)>> = send_each(comm, |_| ())?;
+        mine.unwrap_or_default().into_iter().collect()
+    };
     let per_rank = comm.allgather(&mine_bytes.to_le_bytes())?;
     sum.bytes_per_rank = per_rank
         .iter()
@@ -1142,14 +1322,23 @@ fn run_phases(
         let mine: HashMap<u32, u32> = decode::<Vec<(u32, u32)>>(&comm.scatter(0, &parts)?)?
             .into_iter()
             .collect();
-        let v = engine::verify_units(wp, &pool, &work.verify, &mine, stopper, run.retry);
+        let v = engine::verify_units(
+            wp,
+            &pool,
+            &work.verify,
+            &mine,
+            &finals,
+            &journal,
+            stopper,
+            run.retry,
+        );
         agree(comm, v)?;
     }
 
     // Optional HDF5 check of every staged .h5/.hdf5 file (each by the rank that owns it).
     if !known.decided {
         if let Some(depth) = hdf5 {
-            let checked = check_hdf5(wp, me, n, depth, stopper);
+            let checked = check_hdf5(wp, (me, n), depth, stopper, &finals, &journal);
             let files = agree(comm, checked)?;
             let files = comm.allreduce_sum(files)?;
             if me == 0 {
@@ -1207,8 +1396,8 @@ fn run_phases(
     sum.state = State::Committing;
 
     // Final names, then a stat of each, then directories.
-    let fin = commit::finalize_entries(wp, me, n)
-        .and_then(|w| commit::check_finals(wp, me, n).map(|_| w));
+    let fin = commit::finalize_entries(wp, me, n, &finals)
+        .and_then(|w| commit::check_finals(wp, me, n, &finals).map(|_| w));
     let files_warned = agree(comm, fin)?;
     let dirs_warned = agree(comm, commit::finish_dirs(wp, me, n))?;
     sum.not_preserved = comm.allreduce_sum(files_warned + dirs_warned)?;
@@ -1340,7 +1529,7 @@ pub fn cancel(td: &TransferDir, wait: std::time::Duration) -> Result<CancelOutco
 
 fn cancel_offline(td: &TransferDir, req: &state::Cancelled) -> Result<CancelOutcome> {
     let _lock = Lock::acquire(td)?;
-    let (plan, _) = status::read_plan(td)?;
+    let (plan, body) = status::read_plan_body(td)?;
     if td.file(names::COMMIT).exists() {
         return Err(Error::usage(format!(
             "transfer {} is already committed",
@@ -1360,9 +1549,14 @@ fn cancel_offline(td: &TransferDir, req: &state::Cancelled) -> Result<CancelOutc
     state::write_record(&td.file(names::CANCEL_REQUEST), "cancel-request", req)?;
     // One process cleans every rank's temporaries (visible here in the shared layout and in
     // local layouts on one machine; others are removed by `forget` on their node).
+    // Only the temporary files the journals record are ferry's to remove.
+    let scan = journal::scan(td, &plan, crc32fast::hash(&body))?;
     let n = plan.ranks.max(1);
     for r in 0..n {
-        commit::remove_temps(&plan, r, n)?;
+        commit::remove_temps(&plan, r, n, &scan.idents, &[])?;
+    }
+    for r in 0..n {
+        sweep_owned(&plan, (r, n), scan.last_attempt + 1)?;
     }
     state::write_record(&td.file(names::CANCELLED), "cancelled", req)?;
     Ok(CancelOutcome::Cancelled)
@@ -1413,8 +1607,18 @@ fn hdf5_depth(
     decode(&bytes)
 }
 
-/// Open and read back every staged HDF5 file this rank owns; how many.
-fn check_hdf5(wp: &Plan, me: usize, n: usize, depth: h5::Depth, stopper: &Stopper) -> Result<u64> {
+/// Open and read back every staged HDF5 file this rank owns; how many. A staged file that fails
+/// the check is voided in the journal (durably) before its temporary file is removed, so a resume
+/// copies it again instead of checking the same bytes forever.
+fn check_hdf5(
+    wp: &Plan,
+    (me, n): (usize, usize),
+    depth: h5::Depth,
+    stopper: &Stopper,
+    idents: &Idents,
+    journal: &Journal,
+) -> Result<u64> {
+    let tree = fsio::Tree::new();
     let mut files = 0;
     for e in wp.held_entries() {
         let ent = wp.entry(e);
@@ -1422,10 +1626,32 @@ fn check_hdf5(wp: &Plan, me: usize, n: usize, depth: h5::Depth, stopper: &Stoppe
             continue;
         }
         stopper.check_now()?;
-        h5::validate_staged(&engine::temp_path(wp, e), &ent.dst, &ent.src, depth)?;
+        let id = idents.get(&(e as u32)).ok_or_else(|| {
+            Error::internal("a staged file has no temporary file on record").with_path(&ent.dst)
+        })?;
+        let tmp = engine::temp_path(wp, e, id.gen);
+        // The very file ferry made (opened by inode; the check itself reads it by name).
+        drop(tree.open_temp_read(&tmp, ent.dst_depth(), id.key())?);
+        if let Err(err) = h5::validate_staged(&tmp, &ent.dst, &ent.src, depth) {
+            journal.void_all(&[e as u32])?;
+            tree.remove_file(&tmp, ent.dst_depth())?;
+            return Err(err);
+        }
         files += 1;
     }
     Ok(files)
+}
+
+/// Remove what killed attempts before `upto` left unjournaled at the temporary names of the files
+/// this rank owns (cancel; see [`commit::sweep_leftovers`]).
+fn sweep_owned(plan: &Plan, (me, n): (usize, usize), upto: u32) -> Result<()> {
+    let tree = fsio::Tree::new();
+    for e in plan.held_entries() {
+        if plan.entry(e).kind == Kind::File && plan.owner(e, n) == me {
+            commit::sweep_leftovers(&tree, plan, e, upto, None)?;
+        }
+    }
+    Ok(())
 }
 
 /// `ferry verify`: re-read a committed destination and compare with its manifest.
@@ -1437,7 +1663,16 @@ pub fn verify(td: &TransferDir) -> Result<manifest::Manifest> {
             td.id, td.id
         ))
         })?;
-    let problems = manifest::verify(&rec.manifest);
+    let problems: Vec<Error> = manifest::verify(&rec.manifest)
+        .into_iter()
+        .map(|p| {
+            if p.class == ErrorClass::Integrity {
+                p.with_op("verify-committed")
+            } else {
+                p
+            }
+        })
+        .collect();
     for p in &problems {
         log::error!("{p}");
     }

@@ -217,52 +217,65 @@ impl Tree {
         Ok(made)
     }
 
-    /// Open (creating if needed, mode 0600, never truncating) the temporary file `tmp`. Returns
-    /// the file and whether this call created it (its directory entry is not durable yet).
-    pub fn open_temp(&self, tmp: &Path, depth: u16) -> Result<(File, bool)> {
-        let rw = OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
-        let (f, created) = self.at(tmp, depth, "create", |d, n| {
-            match rustix::fs::openat(d, n, rw | OFlags::CREATE | OFlags::EXCL, Mode::from(0o600)) {
-                Ok(f) => Ok((File::from(f), true)),
-                Err(Errno::EXIST) => Ok((
-                    File::from(rustix::fs::openat(d, n, rw, Mode::empty())?),
-                    false,
-                )),
-                Err(e) => Err(e.into()),
+    /// Create the temporary file `tmp` (mode 0600, `O_EXCL`, never through a link). A name that
+    /// is taken already holds a file ferry did not make in this attempt: it is left untouched
+    /// and the run stops with `integrity` (see [`foreign_temp`]).
+    pub fn create_temp(&self, tmp: &Path, depth: u16) -> Result<File> {
+        let fl = OFlags::RDWR
+            | OFlags::NOFOLLOW
+            | OFlags::CLOEXEC
+            | OFlags::NONBLOCK
+            | OFlags::CREATE
+            | OFlags::EXCL;
+        match self.at(tmp, depth, "create", |d, n| {
+            Ok(File::from(rustix::fs::openat(d, n, fl, Mode::from(0o600))?))
+        }) {
+            Err(e) if e.errno == Some(libc::EEXIST) => {
+                let what = self.stat(tmp, depth).ok().flatten();
+                Err(foreign_temp(tmp, what.as_ref()))
             }
-        })?;
-        if !created {
-            self.own_temp(&f, tmp, depth, None)?;
+            r => r,
         }
-        Ok((f, created))
     }
 
-    /// Check that the open temporary file `f` is one ferry made: a regular file with one link,
-    /// owned by this user (or, once `--preserve` gave it away, by `given`). Anything else was
-    /// put there behind ferry's back (a file of someone who can write the directory, a hard link
-    /// to a file elsewhere): its name is removed, never written, changed or renamed, and the
-    /// transfer stops with `integrity`; a resume copies the file again.
-    fn own_temp(&self, f: &File, tmp: &Path, depth: u16, given: Option<u32>) -> Result<()> {
-        let st = rustix::fs::fstat(f)
-            .map_err(io::Error::from)
-            .ctx("stat", tmp)?;
-        let me = rustix::process::geteuid().as_raw();
-        let regular =
-            rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile;
-        if regular && st.st_nlink == 1 && (st.st_uid == me || Some(st.st_uid) == given) {
-            return Ok(());
+    /// Open the existing temporary file (or, once renamed, final name) `tmp` as the very file
+    /// `expect` names (hashed device, inode), for reading and writing. Anything else at that name
+    /// is left untouched and refused (see [`foreign_temp`]); a missing name is `not-found`.
+    pub fn open_temp(&self, tmp: &Path, depth: u16, expect: (u32, u64)) -> Result<File> {
+        self.open_ident(tmp, depth, expect, OFlags::RDWR)
+    }
+
+    /// [`Tree::open_temp`] for reading only (`--verify`, HDF5 checks: a final name may be
+    /// read-only).
+    pub fn open_temp_read(&self, tmp: &Path, depth: u16, expect: (u32, u64)) -> Result<File> {
+        self.open_ident(tmp, depth, expect, OFlags::RDONLY)
+    }
+
+    fn open_ident(&self, tmp: &Path, depth: u16, expect: (u32, u64), mode: OFlags) -> Result<File> {
+        let fl = mode | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
+        let f = self.at(tmp, depth, "open", |d, n| {
+            Ok(File::from(rustix::fs::openat(d, n, fl, Mode::empty())?))
+        });
+        let f = match f {
+            Ok(f) => f,
+            // A symlink at the name (ELOOP), or something ferry may not open, is not its file.
+            Err(e)
+                if matches!(
+                    e.errno,
+                    Some(libc::ELOOP) | Some(libc::EACCES) | Some(libc::ENXIO)
+                ) =>
+            {
+                let what = self.stat(tmp, depth).ok().flatten();
+                return Err(foreign_temp(tmp, what.as_ref()));
+            }
+            Err(e) => return Err(e),
+        };
+        let k = key_of(f.as_fd(), tmp)?;
+        if k.regular && k.key == expect {
+            return Ok(f);
         }
-        self.remove_file(tmp, depth)?;
-        Err(Error::integrity(
-            tmp,
-            format!(
-                "a file ferry did not make was at this temporary name (owner uid {}, {} link(s)); \
-                 its name was removed, nothing was written to it — `ferry resume` copies the file \
-                 again",
-                st.st_uid, st.st_nlink
-            ),
-        )
-        .with_op("open"))
+        let st = rustix::fs::fstat(&f).ok();
+        Err(foreign_temp(tmp, st.as_ref()))
     }
 
     /// Open the regular file `path` for reading, not following a symlink at it or at any
@@ -280,6 +293,26 @@ impl Tree {
             Ok(rustix::fs::statat(d, n, AtFlags::SYMLINK_NOFOLLOW)?)
         }) {
             Ok(st) => Ok(Some(st)),
+            Err(e) if e.class == ErrorClass::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The [`FileKey`] of `path` itself (a link's own); `None` if it does not exist.
+    pub fn key(&self, path: &Path, depth: u16) -> Result<Option<FileKey>> {
+        let r = self.at(path, depth, "stat", |d, n| {
+            match rustix::fs::statx(d, n, AtFlags::SYMLINK_NOFOLLOW, want()) {
+                Ok(x) => Ok(key_of_statx(&x)),
+                Err(Errno::NOSYS) => Ok(key_of_stat(&rustix::fs::statat(
+                    d,
+                    n,
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )?)),
+                Err(e) => Err(e.into()),
+            }
+        });
+        match r {
+            Ok(k) => Ok(Some(k)),
             Err(e) if e.class == ErrorClass::NotFound => Ok(None),
             Err(e) => Err(e),
         }
@@ -368,19 +401,17 @@ impl Tree {
     /// extended attributes first, then its mode and time — and with `sync` make it durable;
     /// without, the caller makes a batch durable with `sync_fs` before the renames. Returns one
     /// warning, naming `final_name`, for each thing `--preserve` could not keep.
+    #[allow(clippy::too_many_arguments)]
     pub fn finish_file(
         &self,
         tmp: &Path,
         final_name: &Path,
         depth: u16,
+        expect: (u32, u64),
         meta: &Meta,
         sync: bool,
     ) -> Result<Vec<Error>> {
-        let fl = OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
-        let f = self.at(tmp, depth, "open", |d, n| {
-            Ok(File::from(rustix::fs::openat(d, n, fl, Mode::empty())?))
-        })?;
-        self.own_temp(&f, tmp, depth, meta.kept.map(|k| k.uid))?;
+        let f = self.open_ident(tmp, depth, expect, OFlags::WRONLY)?;
         let warnings = set_meta(f.as_fd(), tmp, final_name, meta)?;
         if sync {
             sync_all(&f, tmp)?;
@@ -466,6 +497,95 @@ impl Tree {
     }
 }
 
+/// What tells one file from another beyond its name: its device and birth time (hashed) and its
+/// inode, with its type and size.
+#[derive(Debug, Clone, Copy)]
+pub struct FileKey {
+    /// (hash of device and birth time, inode): what the journal records.
+    pub key: (u32, u64),
+    /// Its device number.
+    pub dev: u64,
+    /// A regular file.
+    pub regular: bool,
+    /// Its size.
+    pub size: u64,
+}
+
+fn key_of_statx(x: &rustix::fs::Statx) -> FileKey {
+    let dev = rustix::fs::makedev(x.stx_dev_major, x.stx_dev_minor);
+    let born = (x.stx_mask & rustix::fs::StatxFlags::BTIME.bits() != 0)
+        .then_some((x.stx_btime.tv_sec, x.stx_btime.tv_nsec));
+    FileKey {
+        key: (crate::journal::dev_hash(dev, born), x.stx_ino),
+        dev,
+        regular: rustix::fs::FileType::from_raw_mode(x.stx_mode as u32)
+            == rustix::fs::FileType::RegularFile,
+        size: x.stx_size,
+    }
+}
+
+fn key_of_stat(st: &rustix::fs::Stat) -> FileKey {
+    FileKey {
+        key: (crate::journal::dev_hash(st.st_dev, None), st.st_ino),
+        dev: st.st_dev,
+        regular: is_regular(st),
+        size: st.st_size as u64,
+    }
+}
+
+fn want() -> rustix::fs::StatxFlags {
+    rustix::fs::StatxFlags::BASIC_STATS | rustix::fs::StatxFlags::BTIME
+}
+
+/// The [`FileKey`] of an open file (`statx`; `fstat` where the kernel has no `statx`).
+pub fn key_of(fd: BorrowedFd<'_>, path: &Path) -> Result<FileKey> {
+    match rustix::fs::statx(fd, "", AtFlags::EMPTY_PATH, want()) {
+        Ok(x) => Ok(key_of_statx(&x)),
+        Err(Errno::NOSYS) | Err(Errno::INVAL) => rustix::fs::fstat(fd)
+            .map(|st| key_of_stat(&st))
+            .map_err(io::Error::from)
+            .ctx("stat", path),
+        Err(e) => Err(Error::io("stat", path, e.into())),
+    }
+}
+
+fn is_regular(st: &rustix::fs::Stat) -> bool {
+    rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+}
+
+/// The error for a name where ferry expected its own temporary file (or, after a rename, its
+/// final file) and found another one: a file of someone else, a hard link, a symlink, a FIFO, a
+/// file of another transfer or of an attempt the journals do not vouch for. It is never written,
+/// trusted, renamed or removed.
+pub fn foreign_temp(path: &Path, st: Option<&rustix::fs::Stat>) -> Error {
+    let what = match st {
+        Some(st) => format!(
+            "a {} of uid {} with {} link(s), inode {},",
+            match rustix::fs::FileType::from_raw_mode(st.st_mode) {
+                rustix::fs::FileType::RegularFile => "file",
+                rustix::fs::FileType::Directory => "directory",
+                rustix::fs::FileType::Symlink => "symlink",
+                rustix::fs::FileType::Fifo => "FIFO",
+                rustix::fs::FileType::Socket => "socket",
+                _ => "device",
+            },
+            st.st_uid,
+            st.st_nlink,
+            st.st_ino
+        ),
+        None => "something".to_string(),
+    };
+    Error::integrity(
+        path,
+        format!(
+            "{what} is at this name, and it is not the file ferry made there (the journal \
+             records another inode, or none); ferry never writes, trusts, renames or removes it: \
+             move it away, then `ferry resume` (which copies that file again)"
+        ),
+    )
+    .with_op("open")
+}
+
 /// Open `name` in directory `fd` as a directory without following a symlink (`path` names it
 /// in errors).
 fn open_below(fd: &OwnedFd, name: &OsStr, path: &Path) -> Result<OwnedFd> {
@@ -542,17 +662,43 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
-    fn open_temp_is_private_and_not_truncating() {
+    fn temporaries_are_made_exclusively_and_reopened_only_as_the_same_inode() {
+        use std::os::unix::fs::MetadataExt;
+        // (A new file that reuses the inode number of a removed one is not the same file where
+        // the file system keeps birth times.)
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("t");
         let tree = Tree::new();
-        let (mut f, created) = tree.open_temp(&p, 1).unwrap();
-        assert!(created);
+        let mut f = tree.create_temp(&p, 1).unwrap();
         f.write_all(b"abc").unwrap();
-        let (_, created) = tree.open_temp(&p, 1).unwrap();
-        assert!(!created);
+        let md = std::fs::metadata(&p).unwrap();
+        assert_eq!(md.permissions().mode() & 0o777, 0o600);
+        let id = tree.key(&p, 1).unwrap().unwrap().key;
+        assert_eq!(id.1, md.ino());
+        // Taken: never opened, never removed.
+        let e = tree.create_temp(&p, 1).unwrap_err();
+        assert_eq!(e.class, ErrorClass::Integrity);
         assert_eq!(std::fs::read(&p).unwrap(), b"abc");
-        let mode = std::fs::metadata(&p).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
+        // The same inode reopens without truncating; another file at the name does not.
+        tree.open_temp(&p, 1, id).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"abc");
+        std::fs::remove_file(&p).unwrap();
+        std::fs::write(d.path().join("other"), b"xyz").unwrap();
+        std::fs::hard_link(d.path().join("other"), &p).unwrap();
+        let e = tree.open_temp(&p, 1, id).unwrap_err();
+        assert_eq!(e.class, ErrorClass::Integrity);
+        assert_eq!(std::fs::read(d.path().join("other")).unwrap(), b"xyz");
+        // A FIFO at the name neither blocks nor passes.
+        std::fs::remove_file(&p).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &p,
+            rustix::fs::FileType::Fifo,
+            Mode::from(0o600),
+            0,
+        )
+        .unwrap();
+        assert!(tree.open_temp(&p, 1, id).is_err());
+        assert!(p.exists());
     }
 }

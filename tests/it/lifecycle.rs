@@ -245,7 +245,12 @@ fn torn_and_corrupt_journal_records_are_discarded_and_redone() {
     let mut b = fs::read(&j).unwrap();
     let records = (b.len() - 32) / 32;
     assert!(records > 10);
-    b[32 + 32 * 3 + 9] ^= 0x10; // corrupt the 4th record
+    // Corrupt the 4th unit record (kind 1; the others name temporary files).
+    let fourth = (0..records)
+        .filter(|i| b[32 + 32 * i + 1] == 1)
+        .nth(3)
+        .unwrap();
+    b[32 + 32 * fourth + 9] ^= 0x10;
     b.extend_from_slice(&[0xFE, 1, 0, 0, 7, 7, 7]); // and a torn tail
     fs::write(&j, &b).unwrap();
     let o = s.run(&["resume", "j", "--json"]);
@@ -407,10 +412,16 @@ fn a_failed_fsync_stops_the_run_and_resume_redoes_the_work() {
         ])
         .output()
         .unwrap();
-    expect_code(&o, 5);
+    // An EIO from a sync means written data was lost: integrity, not a full disk.
+    expect_code(&o, 8);
+    assert!(
+        stderr(&o).contains("written data was lost"),
+        "{}",
+        stderr(&o)
+    );
     let st = status(&s, "e", &s.path("dst/.ferry"));
     assert_eq!(st["state"], "failed");
-    assert_eq!(st["error"]["class"], "resource");
+    assert_eq!(st["error"]["class"], "integrity");
     let o = s
         .ferry()
         .env("FERRY_FAILPOINTS", "copy::unit_written=error(ENOSPC)#2")

@@ -12,6 +12,8 @@ mod corruption;
 mod faults;
 #[cfg(feature = "hdf5")]
 mod hdf5;
+#[cfg(feature = "failpoints")]
+mod hostile;
 mod kill;
 mod layouts;
 #[cfg(feature = "failpoints")]

@@ -482,24 +482,40 @@ fn with_several_sources_a_planted_link_at_dst_name_is_refused() {
     assert_same_tree(&s.path("other"), &s.path("dst/other"));
 }
 
+#[cfg(feature = "failpoints")]
 #[test]
 fn a_hard_link_planted_at_a_temporary_name_is_never_written_through() {
     let s = Scratch::new();
     tree(&s);
     fs::create_dir_all(s.path("dst")).unwrap();
-    // The temporary name of top.dat (entry 5 of the plan: src, sub, sub/b.dat, sub/deeper,
-    // sub/deeper/a.dat, top.dat), linked to a file outside before the copy starts.
-    fs::hard_link(s.path("outside/canary"), s.path("dst/.ferry-hl-5.tmp")).unwrap();
-    let o = s.run(&["copy", "--id", "hl", "src", "dst"]);
+    // Temporary names carry the plan's random nonce, so nobody can plant one before the plan:
+    // plant it once the plan is durable, at the name top.dat (entry 5 of the plan: src, sub,
+    // sub/b.dat, sub/deeper, sub/deeper/a.dat, top.dat) will get in attempt 1.
+    let mut c = s
+        .ferry()
+        .env("FERRY_FAILPOINTS", "plan::written=pause")
+        .args(["copy", "--id", "hl", "src", "dst"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    s.wait_paused(&mut c);
+    let nonce = plan_nonce(&s.path("dst/.ferry"), "hl");
+    let planted = s.path(&format!("dst/.ferry-hl-{nonce}-5-1.tmp"));
+    fs::hard_link(s.path("outside/canary"), &planted).unwrap();
+    s.release();
+    let o = c.wait_with_output().unwrap();
     expect_code(&o, 8);
     assert!(
-        stderr(&o).contains("a file ferry did not make"),
+        stderr(&o).contains("not the file ferry made there"),
         "{}",
         stderr(&o)
     );
     assert_eq!(fs::read(s.path("outside/canary")).unwrap(), b"canary");
-    // Its name was removed; the resume copies the file again.
+    // Never removed as ferry's either; the resume copies the file under its own new name.
     expect_code(&s.run(&["resume", "hl"]), 0);
+    assert_eq!(fs::read(&planted).unwrap(), b"canary");
+    fs::remove_file(&planted).unwrap();
     assert_same_tree(&s.path("src"), &s.path("dst"));
     assert_eq!(fs::read(s.path("outside/canary")).unwrap(), b"canary");
 }

@@ -226,8 +226,13 @@ fn a_failed_fsync_is_never_retried_and_resume_redoes_the_unit() {
             .env("FERRY_FAILPOINTS", fp)
             .output()
             .unwrap();
-        expect_code(&o, 5);
+        expect_code(&o, 8);
         assert!(!stderr(&o).contains("retrying"), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("written data was lost"),
+            "{}",
+            stderr(&o)
+        );
         let o = s.run(&["resume", "f", "--json"]);
         expect_code(&o, 0);
         let sum: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();

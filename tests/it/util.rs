@@ -614,3 +614,11 @@ pub fn cp(from: &Path, to: &Path, how: &str) {
 pub fn cp_a(from: &Path, to: &Path) {
     cp(from, to, "-a")
 }
+
+/// The random nonce of transfer `id`'s plan in `state_dir` (part of its temporary names).
+pub fn plan_nonce(state_dir: &Path, id: &str) -> String {
+    let b = fs::read(state_dir.join(id).join("plan")).unwrap();
+    let body = &b[b.iter().position(|&c| c == b'\n').unwrap() + 1..];
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+    v["nonce"].as_str().unwrap().to_string()
+}
