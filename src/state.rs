@@ -492,8 +492,24 @@ pub fn live_holder(td: &TransferDir) -> Option<String> {
 /// Whether some rank of a run still holds its shared lock on `members` (looked at `tries` times,
 /// 20 ms apart).
 fn members_alive(td: &TransferDir, tries: u32) -> bool {
-    let Ok(f) = File::open(td.file(names::MEMBERS)) else {
-        return false;
+    // Opened for writing: an exclusive lock on a read-only descriptor is refused on NFS (EBADF),
+    // which must never read as "nobody is alive".
+    let p = td.file(names::MEMBERS);
+    let f = match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&p)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return false,
+        Err(e) => {
+            log::warn!(
+                "cannot open '{}' to see whether ranks of a run are alive: {e}; assuming they are",
+                p.display()
+            );
+            return true;
+        }
     };
     for i in 0..tries {
         match f.try_lock() {
@@ -502,7 +518,13 @@ fn members_alive(td: &TransferDir, tries: u32) -> bool {
                 std::thread::sleep(std::time::Duration::from_millis(20))
             }
             Err(fs::TryLockError::WouldBlock) => return true,
-            Err(fs::TryLockError::Error(_)) => return false,
+            Err(fs::TryLockError::Error(e)) => {
+                log::warn!(
+                    "cannot lock '{}' to see whether ranks of a run are alive: {e}; assuming they are",
+                    p.display()
+                );
+                return true;
+            }
         }
     }
     false
@@ -537,10 +559,15 @@ impl DestLock {
                     .with_op("lock")
                     .with_path(d))
                 }
-                // A file system without flock: go on without the guard, but say so.
-                Err(fs::TryLockError::Error(e)) => {
-                    log::debug!("cannot lock '{}' ({e}); not guarding it", d.display())
-                }
+                // A file system without locks on directories (NFS): go on without this guard,
+                // and say so where the user sees it. Temporary names are unique per transfer
+                // and trusted by identity, so a second transfer cannot trade bytes with this
+                // one; it can still write the same final names.
+                Err(fs::TryLockError::Error(e)) => log::warn!(
+                    "cannot lock destination '{}' ({e}): a second transfer into it is not \
+                     refused on this file system",
+                    d.display()
+                ),
             }
         }
         Ok(DestLock { _files: files })
