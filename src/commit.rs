@@ -312,11 +312,15 @@ pub fn delete_source_files(plan: &Plan, me: usize, n: usize) -> Result<Vec<PathB
             let Some(st) = tree.stat(src, ent.depth)? else {
                 continue;
             };
+            // The change time too (plans that recorded it): a source rewritten in place with its
+            // size and mtime put back is another version, and is kept.
+            let ctime = (st.st_ctime, st.st_ctime_nsec as u32);
             let same = st.st_ino == ent.ino
                 && (kind == Kind::Symlink
                     || (st.st_size as u64 == ent.size
                         && st.st_mtime == ent.mtime.0
-                        && st.st_mtime_nsec as u32 == ent.mtime.1));
+                        && st.st_mtime_nsec as u32 == ent.mtime.1
+                        && (ent.ctime == (0, 0) || ctime == ent.ctime)));
             if !same {
                 log::warn!(
                     "kept source '{}': it is not the file that was copied any more",
@@ -393,13 +397,17 @@ pub fn sweep_leftovers(
     upto: u32,
     keep: Option<u32>,
 ) -> Result<usize> {
-    if plan.nonce.is_empty() {
-        return Ok(0);
-    }
     let ent = plan.entry(e);
     let mut n = 0;
-    for gen in (1..upto).filter(|g| Some(*g) != keep) {
-        let tmp = crate::engine::temp_path(plan, e, gen);
+    let mut names: Vec<PathBuf> = (1..upto)
+        .filter(|g| Some(*g) != keep)
+        .map(|g| crate::engine::temp_path(plan, e, g))
+        .collect();
+    if plan.nonce.is_empty() {
+        // A plan of a ferry before temporary identities: its one temporary name per entry.
+        names.push(fsio::parent_of(&ent.dst).join(format!(".ferry-{}-{e}.tmp", plan.id)));
+    }
+    for tmp in names {
         match tree.stat(&tmp, ent.dst_depth()) {
             Ok(Some(st)) if plausibly_left_by_ferry(&st) => {
                 if tree.remove_file(&tmp, ent.dst_depth())? {

@@ -132,7 +132,9 @@ impl Temps {
             if id.src != src_id {
                 return Err(Error::integrity(
                     &ent.src,
-                    "the source changed since its temporary file was started (another inode,                      size, mtime or ctime); `ferry resume` copies the whole file again from the                      source as it is then",
+                    "the source changed since its temporary file was started (another inode, \
+                     size, mtime or ctime); `ferry resume` copies the whole file again from the \
+                     source as it is then",
                 )
                 .with_op("copy"));
             }

@@ -111,24 +111,25 @@ impl TempId {
     }
 }
 
-/// What a temporary file's record keeps of its device and birth time: an inode number is reused
-/// once its file is deleted, a birth time tells the new file from the old one (file systems
-/// without birth times: the device alone).
-pub fn dev_hash(dev: u64, born: Option<(i64, u32)>) -> u32 {
-    let mut b = [0u8; 20];
-    b[..8].copy_from_slice(&dev.to_le_bytes());
+/// What a temporary file's record keeps besides its inode: its birth time (hashed; file systems
+/// without birth times: nothing). An inode number is reused once its file is deleted, and a birth
+/// time tells the new file from the old one. The device number is left out on purpose: on NFS,
+/// CephFS or BeeGFS each client node has its own, and it changes on a remount, while the inode
+/// is the server's.
+pub fn dev_hash(born: Option<(i64, u32)>) -> u32 {
+    let mut b = [0u8; 12];
     if let Some((s, ns)) = born {
-        b[8..16].copy_from_slice(&s.to_le_bytes());
-        b[16..20].copy_from_slice(&ns.to_le_bytes());
+        b[..8].copy_from_slice(&s.to_le_bytes());
+        b[8..12].copy_from_slice(&ns.to_le_bytes());
     }
     crc32fast::hash(&b)
 }
 
-/// The identity of a version of a source file: any change of device, inode, size, modification
-/// or change time gives another value.
-pub fn src_hash(dev: u64, ino: u64, size: u64, mtime: (i64, u32), ctime: (i64, u32)) -> u32 {
+/// The identity of a version of a source file: any change of inode, size, modification or change
+/// time gives another value (not of the device number, which differs between client nodes of a
+/// parallel file system).
+pub fn src_hash(ino: u64, size: u64, mtime: (i64, u32), ctime: (i64, u32)) -> u32 {
     let mut b = [0u8; 48];
-    b[..8].copy_from_slice(&dev.to_le_bytes());
     b[8..16].copy_from_slice(&ino.to_le_bytes());
     b[16..24].copy_from_slice(&size.to_le_bytes());
     b[24..32].copy_from_slice(&mtime.0.to_le_bytes());
@@ -141,7 +142,6 @@ pub fn src_hash(dev: u64, ino: u64, size: u64, mtime: (i64, u32), ctime: (i64, u
 /// [`src_hash`] of a source's `fstat`/`lstat`.
 pub fn src_hash_of(st: &rustix::fs::Stat) -> u32 {
     src_hash(
-        st.st_dev,
         st.st_ino,
         st.st_size as u64,
         (st.st_mtime, st.st_mtime_nsec as u32),

@@ -803,10 +803,10 @@ fn still_durable(
             continue;
         };
         if !decided {
+            // Only a source seen to be another version (or gone) voids durable work; an error
+            // reading it stops the run instead.
             let same_source = src_tree
-                .stat(&ent.src, ent.depth)
-                .ok()
-                .flatten()
+                .stat(&ent.src, ent.depth)?
                 .is_some_and(|st| journal::src_hash_of(&st) == id.src);
             if !same_source {
                 log::info!(

@@ -303,7 +303,7 @@ impl Tree {
         let r = self.at(path, depth, "stat", |d, n| {
             match rustix::fs::statx(d, n, AtFlags::SYMLINK_NOFOLLOW, want()) {
                 Ok(x) => Ok(key_of_statx(&x)),
-                Err(Errno::NOSYS) => Ok(key_of_stat(&rustix::fs::statat(
+                Err(Errno::NOSYS) | Err(Errno::INVAL) => Ok(key_of_stat(&rustix::fs::statat(
                     d,
                     n,
                     AtFlags::SYMLINK_NOFOLLOW,
@@ -516,7 +516,7 @@ fn key_of_statx(x: &rustix::fs::Statx) -> FileKey {
     let born = (x.stx_mask & rustix::fs::StatxFlags::BTIME.bits() != 0)
         .then_some((x.stx_btime.tv_sec, x.stx_btime.tv_nsec));
     FileKey {
-        key: (crate::journal::dev_hash(dev, born), x.stx_ino),
+        key: (crate::journal::dev_hash(born), x.stx_ino),
         dev,
         regular: rustix::fs::FileType::from_raw_mode(x.stx_mode as u32)
             == rustix::fs::FileType::RegularFile,
@@ -526,7 +526,7 @@ fn key_of_statx(x: &rustix::fs::Statx) -> FileKey {
 
 fn key_of_stat(st: &rustix::fs::Stat) -> FileKey {
     FileKey {
-        key: (crate::journal::dev_hash(st.st_dev, None), st.st_ino),
+        key: (crate::journal::dev_hash(None), st.st_ino),
         dev: st.st_dev,
         regular: is_regular(st),
         size: st.st_size as u64,

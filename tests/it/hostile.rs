@@ -274,3 +274,37 @@ fn verify_accepts_set_id_bits_ferry_dropped_and_nothing_else() {
     expect_code(&o, 8);
     assert!(stderr(&o).contains("is committed"), "{}", stderr(&o));
 }
+
+/// With `--delete-source`, a source rewritten in place after it was copied, its size and mtime
+/// put back (`rsync --inplace`, `touch -r`), is another version: it is kept, never removed.
+#[test]
+fn delete_source_keeps_a_source_rewritten_in_place_with_its_mtime_put_back() {
+    let s = Scratch::new();
+    fs::create_dir_all(s.path("src")).unwrap();
+    let f = s.path("src/f");
+    fs::write(&f, bytes(40_000, 1)).unwrap();
+    let mut c = s
+        .ferry()
+        .env("FERRY_FAILPOINTS", "delete::source=pause")
+        .args(["copy", "--id", "k", "--delete-source", "src", "dst"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    s.wait_paused(&mut c);
+    let mtime = fs::metadata(&f).unwrap().modified().unwrap();
+    let mut w = fs::OpenOptions::new().write(true).open(&f).unwrap();
+    std::io::Write::write_all(&mut w, &bytes(40_000, 2)).unwrap();
+    w.set_modified(mtime).unwrap();
+    drop(w);
+    s.release();
+    let o = c.wait_with_output().unwrap();
+    expect_code(&o, 0);
+    assert!(
+        fs::read(&f).unwrap() == bytes(40_000, 2),
+        "the rewritten source is kept"
+    );
+    assert!(fs::read(s.path("dst/f")).unwrap() == bytes(40_000, 1));
+    let st = status(&s, "k", &s.path("dst/.ferry"));
+    assert_eq!(st["sources_removed"], false, "{st}");
+}
