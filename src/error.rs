@@ -205,7 +205,7 @@ impl Error {
             class,
             errno,
             op: op.to_string(),
-            path: Some(path.to_path_buf()),
+            path: Some(crate::state::shown(path)),
             rank: None,
             message: strip_os_error(&err),
         }
@@ -222,7 +222,7 @@ impl Error {
 
     /// Attach a path.
     pub fn with_path(mut self, path: &Path) -> Error {
-        self.path = Some(path.to_path_buf());
+        self.path = Some(crate::state::shown(path));
         self
     }
 

@@ -535,7 +535,10 @@ fn run(cli: Cli, launch: Launch) -> ferry::Result<i32> {
             json,
         } => {
             let list = match id {
-                Some(id) => vec![status::status(&locate(&id, state_dir.as_deref())?)],
+                Some(id) => vec![status::status(&state::locate_to_read(
+                    &id,
+                    state_dir.as_deref(),
+                )?)],
                 None => transfer::list(state_dir.as_deref())?,
             };
             if json {
@@ -684,10 +687,7 @@ where
                 }
                 if let Ok(mut t) = announce_src.transfer.lock() {
                     *t = Some((
-                        TransferDir {
-                            path: dir.to_path_buf(),
-                            id: id.to_string(),
-                        },
+                        TransferDir::from_path(dir.to_path_buf(), id.to_string()),
                         total,
                     ));
                 }

@@ -111,6 +111,8 @@ fn under_root(m: &Model, p: &Path) -> bool {
 
 /// A file's current bytes became durable (called by `fsio` after a successful fsync).
 pub fn file_synced(path: &Path) {
+    // A pinned transfer directory is reached through /proc/self/fd: the model keeps real paths.
+    let path = &crate::state::shown(path);
     let mut g = MODEL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(m) = g.as_mut() else { return };
     if !under_root(m, path) {
@@ -137,6 +139,8 @@ pub fn fs_synced() {
 
 /// A directory's current entries became durable (called by `fsio` after a directory fsync).
 pub fn dir_synced(dir: &Path) {
+    // A pinned transfer directory is reached through /proc/self/fd: the model keeps real paths.
+    let dir = &crate::state::shown(dir);
     let mut g = MODEL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(m) = g.as_mut() else { return };
     if !under_root(m, dir) {
@@ -200,6 +204,8 @@ pub fn clear(root: &Path) {
 
 /// A file is about to be unlinked (called by `fsio`): keep its inode reachable.
 pub fn before_unlink(path: &Path) {
+    // A pinned transfer directory is reached through /proc/self/fd: the model keeps real paths.
+    let path = &crate::state::shown(path);
     let g = MODEL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(m) = g.as_ref() else { return };
     if !under_root(m, path) {

@@ -52,12 +52,75 @@ pub mod names {
 }
 
 /// A transfer's state directory (`STATE_DIR/ID`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Once [pinned](TransferDir::pin), the directory is held open (`O_NOFOLLOW | O_DIRECTORY`,
+/// owner and mode checked on the descriptor, and those of `STATE_DIR` too), and every file in it
+/// is reached through that descriptor (`/proc/self/fd/N/NAME`): swapping `STATE_DIR` or the
+/// directory for a link, or for another directory, after the check changes nothing ferry reads,
+/// writes or removes. Errors still name the directory's own path.
+#[derive(Debug, Clone)]
 pub struct TransferDir {
     /// The directory.
     pub path: PathBuf,
     /// The transfer id (its name).
     pub id: String,
+    at: Option<std::sync::Arc<Pinned>>,
+}
+
+impl PartialEq for TransferDir {
+    fn eq(&self, other: &TransferDir) -> bool {
+        (&self.path, &self.id) == (&other.path, &other.id)
+    }
+}
+
+impl Eq for TransferDir {}
+
+/// An open transfer directory; its `/proc/self/fd` path maps back to `path` in messages.
+#[derive(Debug)]
+struct Pinned {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        pinned_paths()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.fd.as_raw_fd());
+    }
+}
+
+fn pinned_paths() -> &'static std::sync::Mutex<std::collections::HashMap<i32, PathBuf>> {
+    static M: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<i32, PathBuf>>> =
+        std::sync::OnceLock::new();
+    M.get_or_init(Default::default)
+}
+
+/// `path` as the user knows it: a path through a pinned transfer directory's descriptor
+/// (`/proc/self/fd/N/...`) is shown under the directory's own path.
+pub fn shown(path: &Path) -> PathBuf {
+    let Ok(rest) = path.strip_prefix("/proc/self/fd") else {
+        return path.to_path_buf();
+    };
+    let mut parts = rest.iter();
+    let Some(fd) = parts.next().and_then(|n| n.to_str()?.parse::<i32>().ok()) else {
+        return path.to_path_buf();
+    };
+    match pinned_paths()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&fd)
+    {
+        Some(dir) => dir.join(parts.as_path()),
+        None => path.to_path_buf(),
+    }
+}
+
+/// Whether this system reaches open directories through `/proc/self/fd`.
+fn proc_fd() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| Path::new("/proc/self/fd").is_dir())
 }
 
 impl TransferDir {
@@ -66,23 +129,106 @@ impl TransferDir {
         TransferDir {
             path: state_dir.join(id),
             id: id.to_string(),
+            at: None,
+        }
+    }
+
+    /// The transfer `id` whose directory is `path`.
+    pub fn from_path(path: PathBuf, id: String) -> TransferDir {
+        TransferDir { path, id, at: None }
+    }
+
+    /// Hold the directory open and check it and its state directory on the descriptors: each a
+    /// real directory (not a link) of this user, writable by no one else (see
+    /// [`check_private`]). From then on every file in it is reached through the descriptor. A
+    /// directory that does not exist yet is not an error (nothing is pinned).
+    pub fn pin(&mut self, hint: &str) -> Result<()> {
+        self.pin_as(hint, true)
+    }
+
+    /// [`TransferDir::pin`] for a command that only reads (`ferry status`): links are refused
+    /// the same way, but the directory may be another user's (an administrator looking at a
+    /// user's transfer).
+    pub fn pin_to_read(&mut self) -> Result<()> {
+        self.pin_as("", false)
+    }
+
+    fn pin_as(&mut self, hint: &str, private: bool) -> Result<()> {
+        use rustix::fs::{Mode, OFlags};
+        use std::os::fd::AsRawFd;
+        if self.at.is_some() {
+            return Ok(());
+        }
+        let state_dir = fsio::parent_of(&self.path);
+        if !proc_fd() {
+            return if private {
+                check_private(state_dir, hint)
+            } else {
+                Ok(())
+            };
+        }
+        let check = |fd: &std::os::fd::OwnedFd, dir: &Path| {
+            if private {
+                check_private_fd(fd, dir, hint)
+            } else {
+                Ok(())
+            }
+        };
+        let fl = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let sfd = match rustix::fs::open(state_dir, fl, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(e) => {
+                check_private(state_dir, hint)?;
+                return Err(Error::io("open-dir", state_dir, e.into()));
+            }
+        };
+        check(&sfd, state_dir)?;
+        let tfd = match rustix::fs::openat(&sfd, self.id.as_str(), fl, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::NOENT) => return Ok(()),
+            Err(e) => {
+                check_private(&self.path, hint)?;
+                return Err(Error::io("open-dir", &self.path, e.into()));
+            }
+        };
+        check(&tfd, &self.path)?;
+        pinned_paths()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(tfd.as_raw_fd(), self.path.clone());
+        self.at = Some(std::sync::Arc::new(Pinned { fd: tfd }));
+        Ok(())
+    }
+
+    /// Whether the directory is held open (see [`TransferDir::pin`]).
+    pub fn pinned(&self) -> bool {
+        self.at.is_some()
+    }
+
+    /// The directory, as ferry reaches it: through its descriptor once pinned.
+    pub fn dir(&self) -> PathBuf {
+        use std::os::fd::AsRawFd;
+        match &self.at {
+            Some(p) => PathBuf::from(format!("/proc/self/fd/{}", p.fd.as_raw_fd())),
+            None => self.path.clone(),
         }
     }
 
     /// A file in this transfer's directory.
     pub fn file(&self, name: &str) -> PathBuf {
-        self.path.join(name)
+        self.dir().join(name)
     }
 
     /// The journal of `rank` in `attempt`.
     pub fn journal(&self, attempt: u32, rank: usize) -> PathBuf {
-        self.path.join(format!("journal.a{attempt}.r{rank}"))
+        self.dir().join(format!("journal.a{attempt}.r{rank}"))
     }
 
     /// Every journal file, with its attempt number, sorted.
     pub fn journals(&self) -> Result<Vec<(u32, PathBuf)>> {
         let mut out = Vec::new();
-        let rd = match fs::read_dir(&self.path) {
+        let dir = self.dir();
+        let rd = match fs::read_dir(&dir) {
             Ok(rd) => rd,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
             Err(e) => return Err(Error::io("read-dir", &self.path, e)),
@@ -113,6 +259,38 @@ impl TransferDir {
     /// Whether `ferry forget` removed this transfer.
     pub fn forgotten(&self) -> bool {
         self.file(names::FORGOTTEN).exists()
+    }
+}
+
+/// [`check_private`] on an open directory `fd` (named `dir`).
+fn check_private_fd(fd: &std::os::fd::OwnedFd, dir: &Path, hint: &str) -> Result<()> {
+    let st = rustix::fs::fstat(fd)
+        .map_err(io::Error::from)
+        .ctx("stat", dir)?;
+    let me = rustix::process::geteuid().as_raw();
+    let why = if st.st_uid != me {
+        Some(format!(
+            "belongs to uid {}, not to this user (uid {me})",
+            st.st_uid
+        ))
+    } else if st.st_mode & 0o022 != 0 {
+        Some(format!(
+            "is writable by others (mode {:o})",
+            st.st_mode & 0o7777
+        ))
+    } else {
+        None
+    };
+    match why {
+        None => Ok(()),
+        Some(why) => Err(Error::new(
+            ErrorClass::Permission,
+            format!(
+                "the directory for transfer state {why}; refusing to keep state there ({hint})"
+            ),
+        )
+        .with_op("stat")
+        .with_path(dir)),
     }
 }
 
@@ -669,7 +847,7 @@ pub mod registry {
                     return None;
                 }
                 let path = lookup(&id)?;
-                Some(TransferDir { path, id })
+                Some(TransferDir::from_path(path, id))
             })
             .collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
@@ -685,8 +863,22 @@ pub mod registry {
 }
 
 /// Find transfer `id`: in `--state-dir`, else `$FERRY_STATE_DIR`, else the registry, else
-/// `./.ferry`. An unknown id is a `usage` error saying where ferry looked.
+/// `./.ferry`. An unknown id is a `usage` error saying where ferry looked. The directory found is
+/// checked and held open (see [`TransferDir::pin`]).
 pub fn locate(id: &str, state_dir: Option<&Path>) -> Result<TransferDir> {
+    let mut td = find(id, state_dir)?;
+    td.pin("give a private directory of yours with --state-dir")?;
+    Ok(td)
+}
+
+/// [`locate`] for a command that only reads (see [`TransferDir::pin_to_read`]).
+pub fn locate_to_read(id: &str, state_dir: Option<&Path>) -> Result<TransferDir> {
+    let mut td = find(id, state_dir)?;
+    td.pin_to_read()?;
+    Ok(td)
+}
+
+fn find(id: &str, state_dir: Option<&Path>) -> Result<TransferDir> {
     validate_id(id)?;
     let mut looked = Vec::new();
     let mut candidates = Vec::new();
@@ -697,10 +889,7 @@ pub fn locate(id: &str, state_dir: Option<&Path>) -> Result<TransferDir> {
             candidates.push(TransferDir::new(Path::new(&d), id));
         }
         if let Some(p) = registry::lookup(id) {
-            candidates.push(TransferDir {
-                path: p,
-                id: id.to_string(),
-            });
+            candidates.push(TransferDir::from_path(p, id.to_string()));
         }
         candidates.push(TransferDir::new(Path::new(".ferry"), id));
     }

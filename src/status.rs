@@ -111,6 +111,13 @@ pub struct Status {
     pub dest: String,
 }
 
+/// The status of a transfer whose directory cannot be read safely: `unknown`, with why.
+pub fn unreadable(td: &TransferDir, why: Error) -> Status {
+    let mut st = Status::empty(td);
+    st.error = Some(why);
+    st
+}
+
 impl Status {
     fn empty(td: &TransferDir) -> Status {
         Status {

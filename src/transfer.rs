@@ -269,6 +269,7 @@ pub fn copy(comm: &dyn Comm, opts: &CopyOptions, run: &RunOptions) -> Result<Sum
     // Rank 0 names the transfer, makes its state directory and takes the lock.
     let mut lock = None;
     let mut made = Vec::new();
+    let mut mine = None;
     let td: TransferDir = {
         let local = if me == 0 {
             setup_new_transfer(opts, &roots, &dst).map(|(td, l, m)| {
@@ -279,13 +280,25 @@ pub fn copy(comm: &dyn Comm, opts: &CopyOptions, run: &RunOptions) -> Result<Sum
         } else {
             Ok(TransferDir::new(Path::new(""), ""))
         };
-        let local = local.and_then(|td| encode(&(crate::pathser::encode(&td.path), &td.id)));
+        let local = local.and_then(|td| {
+            let out = encode(&(crate::pathser::encode(&td.path), &td.id));
+            if me == 0 {
+                mine = Some(td);
+            }
+            out
+        });
         let bytes = comm.broadcast(0, &agree(comm, local)?)?;
         let (path, id): (String, String) = decode(&bytes)?;
-        TransferDir {
-            path: crate::pathser::decode(&path).map_err(Error::internal)?,
-            id,
-        }
+        let path = crate::pathser::decode(&path).map_err(Error::internal)?;
+        // Every rank holds the transfer's directory open from here on (rank 0 since it made it).
+        let pinned = match mine.take() {
+            Some(td) => Ok(td),
+            None => {
+                let mut td = TransferDir::from_path(path, id);
+                td.pin(PRIVATE_HINT).map(|_| td)
+            }
+        };
+        agree(comm, pinned)?
     };
 
     // Walk: rank 0 alone (shared) or every rank its own sources (local).
@@ -483,10 +496,13 @@ fn setup_new_transfer(
         state::create_private_dir(&state_dir)?;
         state::check_private(&state_dir, PRIVATE_HINT)?;
         make_transfer_dir(&td, &state_dir)?;
-        Lock::acquire(&td)
+        // Held open from here on: everything of this transfer goes through that descriptor.
+        let mut pinned = td.clone();
+        pinned.pin(PRIVATE_HINT)?;
+        Lock::acquire(&pinned).map(|lock| (pinned, lock))
     })();
     match res {
-        Ok(lock) => Ok((td, lock, made)),
+        Ok((td, lock)) => Ok((td, lock, made)),
         Err(e) => {
             if !existed {
                 undo_setup(&td, &made, opts.register);
@@ -593,17 +609,27 @@ pub fn resume(
         ),
     )?;
     let mut lock = None;
+    let mut mine = None;
     let located = from_root(comm, || {
+        // Located, checked and held open (see `TransferDir::pin`).
         let td = state::locate(id, state_dir)?;
         state::check_private(fsio::parent_of(&td.path), PRIVATE_HINT)?;
         lock = Some(Lock::acquire(&td)?);
-        Ok((crate::pathser::encode(&td.path), td.id))
+        let out = (crate::pathser::encode(&td.path), td.id.clone());
+        mine = Some(td);
+        Ok(out)
     })?;
     let (path, id): (String, String) = located;
-    let td = TransferDir {
-        path: crate::pathser::decode(&path).map_err(Error::internal)?,
-        id,
+    let pinned = match mine.take() {
+        Some(td) => Ok(td),
+        None => crate::pathser::decode(&path)
+            .map_err(Error::internal)
+            .and_then(|path| {
+                let mut td = TransferDir::from_path(path, id);
+                td.pin(PRIVATE_HINT).map(|_| td)
+            }),
     };
+    let td = agree(comm, pinned)?;
     // Rank 0 reads the whole plan; the others get its header (and later their slice), with the
     // CRC of the plan as stored, to which journals are bound.
     let mut whole = None;
@@ -723,7 +749,7 @@ struct Work<L = Vec<u32>, P = Plan> {
 }
 
 fn read_known(td: &TransferDir, plan: &Plan, crc: u32) -> Result<Known> {
-    fsio::clean_atomic_leftovers(&td.path)?;
+    fsio::clean_atomic_leftovers(&td.dir())?;
     let commit: Option<CommitRecord> = state::read_record(&td.file(names::COMMIT), "commit")?;
     let cancelled: Option<state::Cancelled> =
         state::read_record(&td.file(names::CANCELLED), "cancelled")?;
@@ -740,7 +766,7 @@ fn read_known(td: &TransferDir, plan: &Plan, crc: u32) -> Result<Known> {
     let stale =
         fsio::remove_file(&td.file(names::STOP))? | fsio::remove_file(&td.file(names::PREPARED))?;
     if commit.is_none() && fsio::remove_file(&td.file(names::OUTCOME))? || stale {
-        fsio::fsync_dir(&td.path)?;
+        fsio::fsync_dir(&td.dir())?;
     }
     let mut records: Vec<(u32, u64, u32)> = scan
         .units
@@ -1067,7 +1093,7 @@ fn run_phases(
         );
         let dropped = if me == 0 {
             fsio::remove_file(&td.file(names::CANCEL_REQUEST))
-                .and_then(|_| fsio::fsync_dir(&td.path))
+                .and_then(|_| fsio::fsync_dir(&td.dir()))
         } else {
             Ok(())
         };
@@ -1538,7 +1564,7 @@ fn cancel_offline(td: &TransferDir, req: &state::Cancelled) -> Result<CancelOutc
     }
     if td.file(names::DECISION).exists() {
         if fsio::remove_file(&td.file(names::CANCEL_REQUEST))? {
-            fsio::fsync_dir(&td.path)?;
+            fsio::fsync_dir(&td.dir())?;
         }
         return Err(Error::usage(format!(
             "transfer {} already decided to commit and may have replaced destination files; \
@@ -1706,13 +1732,13 @@ pub fn forget(td: &TransferDir) -> Result<()> {
             attempt: 0,
         },
     )?;
-    for ent in std::fs::read_dir(&td.path).ctx("read-dir", &td.path)? {
+    for ent in std::fs::read_dir(td.dir()).ctx("read-dir", &td.path)? {
         let ent = ent.ctx("read-dir", &td.path)?;
         if ent.file_name() != names::FORGOTTEN && ent.file_name() != names::LOCK {
             fsio::remove_file(&ent.path())?;
         }
     }
-    fsio::fsync_dir(&td.path)?;
+    fsio::fsync_dir(&td.dir())?;
     // The registry entry stays: it points at the `forgotten` marker, so the id is never reused.
     Ok(())
 }
@@ -1727,5 +1753,12 @@ pub fn list(state_dir: Option<&Path>) -> Result<Vec<Status>> {
             v
         }
     };
-    Ok(tds.iter().map(status::status).collect())
+    // Each read through its directory held open (a link in its place is shown as unreadable).
+    Ok(tds
+        .into_iter()
+        .map(|mut td| match td.pin_to_read() {
+            Ok(()) => status::status(&td),
+            Err(e) => status::unreadable(&td, e),
+        })
+        .collect())
 }

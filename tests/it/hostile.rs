@@ -308,3 +308,62 @@ fn delete_source_keeps_a_source_rewritten_in_place_with_its_mtime_put_back() {
     let st = status(&s, "k", &s.path("dst/.ferry"));
     assert_eq!(st["sources_removed"], false, "{st}");
 }
+
+/// The state directory swapped, between two phases of a run, for a link to a directory holding
+/// another transfer's plan: the run keeps reading and writing the directory it checked and
+/// opened, commits its own copy, and nothing lands in the link's target.
+#[test]
+fn a_state_directory_swapped_for_a_link_between_phases_is_never_followed() {
+    let s = Scratch::new();
+    fs::create_dir_all(s.path("src")).unwrap();
+    fs::write(s.path("src/f"), bytes(30_000, 1)).unwrap();
+    fs::create_dir_all(s.path("other")).unwrap();
+    fs::write(s.path("other/g"), bytes(30_000, 2)).unwrap();
+    // A forged state directory: another transfer's state under the same id.
+    let o = s
+        .ferry()
+        .env("FERRY_HOME", s.path("home2"))
+        .env("FERRY_FAILPOINTS", "plan::written=exit")
+        .args([
+            "copy",
+            "--id",
+            "t",
+            "--state-dir",
+            "forged",
+            "other",
+            "elsewhere",
+        ])
+        .output()
+        .unwrap();
+    expect_code(&o, 99);
+    let forged_before = files_under(&s.path("forged")).len();
+    let mut c = s
+        .ferry()
+        .env("FERRY_FAILPOINTS", "copy::all_done=pause")
+        .args(["copy", "--id", "t", "src", "dst"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    s.wait_paused(&mut c);
+    fs::rename(s.path("dst/.ferry"), s.path("dst/.ferry-real")).unwrap();
+    std::os::unix::fs::symlink(s.path("forged"), s.path("dst/.ferry")).unwrap();
+    s.release();
+    let o = c.wait_with_output().unwrap();
+    expect_code(&o, 0);
+    assert!(fs::read(s.path("dst/f")).unwrap() == bytes(30_000, 1));
+    assert!(
+        !s.path("elsewhere").exists(),
+        "the forged plan was never acted on"
+    );
+    assert_eq!(files_under(&s.path("forged")).len(), forged_before);
+    assert!(s.path("dst/.ferry-real/t/commit").exists());
+    // Every later command refuses the link.
+    let o = s.run(&[
+        "status",
+        "t",
+        "--state-dir",
+        s.path("dst/.ferry").to_str().unwrap(),
+    ]);
+    assert_ne!(code(&o), 0, "{}", stdout(&o));
+}
