@@ -708,18 +708,39 @@ fn members_alive(td: &TransferDir, tries: u32) -> bool {
     false
 }
 
-/// Exclusive locks on the destination trees a run fills (see [`crate::plan::Plan::dest_roots`]),
-/// held for the run: a second transfer into the same destination gets a `usage` error instead of
-/// mixing its files with the first one's.
+/// Locks on the destinations a run fills, held for the run: an exclusive `flock` on each
+/// destination tree's root (see [`crate::plan::Plan::dest_roots`]) and a shared one on every
+/// directory above it (and above each single file it writes). A second transfer into the same
+/// tree, into a tree nested in it (`/d` and `/d/sub`), or into a tree holding it, gets a `usage`
+/// error instead of mixing its files with the first one's; transfers into sibling trees, or of
+/// single files into one directory (SCR's ranks flushing into `ckpt.N/`), go on side by side.
 #[derive(Debug)]
 pub struct DestLock {
     _files: Vec<File>,
 }
 
+fn busy(d: &Path) -> Error {
+    Error::usage(
+        "another ferry transfer is writing into this destination (or into a tree that holds \
+         it, or one inside it) right now; wait for it to end (`ferry list`) or choose another \
+         destination",
+    )
+    .with_op("lock")
+    .with_path(d)
+}
+
 impl DestLock {
-    /// Lock `dirs` (creating them if `create`; else skipping those that do not exist yet).
+    /// Lock the trees `dirs` (creating them if `create`; else skipping those that do not exist
+    /// yet).
     pub fn acquire(dirs: &[PathBuf], create: bool) -> Result<DestLock> {
-        let mut files = Vec::new();
+        DestLock::acquire_with(dirs, &[], create)
+    }
+
+    /// [`DestLock::acquire`], and `written`, directories that single files are written into
+    /// (shared locks on them and above).
+    pub fn acquire_with(dirs: &[PathBuf], written: &[PathBuf], create: bool) -> Result<DestLock> {
+        let mut out = Vec::new();
+        let mut mine: std::collections::BTreeSet<PathBuf> = Default::default();
         for d in dirs {
             if create {
                 fsio::create_dirs(d)?;
@@ -728,15 +749,11 @@ impl DestLock {
             }
             let f = File::open(d).ctx("open-dir", d)?;
             match f.try_lock() {
-                Ok(()) => files.push(f),
-                Err(fs::TryLockError::WouldBlock) => {
-                    return Err(Error::usage(
-                        "another ferry transfer is writing into this destination right now; wait \
-                         for it to end (`ferry list`) or choose another destination",
-                    )
-                    .with_op("lock")
-                    .with_path(d))
+                Ok(()) => {
+                    out.push(f);
+                    mine.insert(d.clone());
                 }
+                Err(fs::TryLockError::WouldBlock) => return Err(busy(d)),
                 // A file system without locks on directories (NFS): go on without this guard,
                 // and say so where the user sees it. Temporary names are unique per transfer
                 // and trusted by identity, so a second transfer cannot trade bytes with this
@@ -748,7 +765,28 @@ impl DestLock {
                 ),
             }
         }
-        Ok(DestLock { _files: files })
+        // Every directory above the trees, and each single file's directory and those above.
+        let mut above: std::collections::BTreeSet<PathBuf> = Default::default();
+        for d in dirs {
+            above.extend(d.ancestors().skip(1).map(Path::to_path_buf));
+        }
+        for w in written {
+            above.extend(w.ancestors().map(Path::to_path_buf));
+        }
+        for d in above {
+            if d.as_os_str().is_empty() || mine.contains(&d) {
+                continue;
+            }
+            let Ok(f) = File::open(&d) else { continue };
+            match f.try_lock_shared() {
+                Ok(()) => out.push(f),
+                Err(fs::TryLockError::WouldBlock) => return Err(busy(&d)),
+                Err(fs::TryLockError::Error(e)) => {
+                    log::debug!("cannot lock '{}' shared ({e})", d.display())
+                }
+            }
+        }
+        Ok(DestLock { _files: out })
     }
 }
 

@@ -1000,7 +1000,25 @@ fn execute(
     }
     let dest = {
         let wp = if me == 0 { plan } else { &slice };
-        agree(comm, DestLock::acquire(&wp.dest_roots(me, n), true))
+        // Single files outside any planned directory (a file copy, AXL pairs): their
+        // directories are written into.
+        let written: Vec<PathBuf> = wp
+            .held_entries()
+            .into_iter()
+            .map(|e| wp.entry(e))
+            .filter(|e| e.kind != Kind::Dir && e.dst_depth() <= 1)
+            .filter(|e| match (wp.layout, e.holder) {
+                (Layout::Local, Some(h)) => h == me,
+                _ => me == 0,
+            })
+            .map(|e| fsio::parent_of(&e.dst).to_path_buf())
+            .collect::<BTreeSet<PathBuf>>()
+            .into_iter()
+            .collect();
+        agree(
+            comm,
+            DestLock::acquire_with(&wp.dest_roots(me, n), &written, true),
+        )
     };
     // Past the decision a cancel is refused: the run only moves forward. A signal, or a peer
     // that stopped, still stops it (a resume finishes the commit).

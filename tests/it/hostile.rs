@@ -367,3 +367,45 @@ fn a_state_directory_swapped_for_a_link_between_phases_is_never_followed() {
     ]);
     assert_ne!(code(&o), 0, "{}", stdout(&o));
 }
+
+/// While a transfer fills a tree, a second one into a tree nested in it, into a tree that holds
+/// it, or of a single file into it is refused before anything is written; a single file into a
+/// sibling directory goes on.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_second_transfer_into_a_nested_or_enclosing_destination_is_refused() {
+    let s = Scratch::new();
+    let mut r = Rng::new(3);
+    numbered_files(&s.path("src"), 6, 2, 5000, 100, &mut r);
+    fs::create_dir_all(s.path("one")).unwrap();
+    fs::write(s.path("one/f"), bytes(1000, 1)).unwrap();
+    fs::create_dir_all(s.path("top")).unwrap();
+    let mut c = s
+        .ferry()
+        .env("FERRY_FAILPOINTS", "copy::unit_start=pause")
+        .args(["copy", "--id", "a", "src", "top/dst"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    s.wait_paused(&mut c);
+    for (args, what) in [
+        (vec!["copy", "src", "top/dst/sub"], "nested"),
+        (vec!["copy", "src", "top"], "enclosing"),
+        (vec!["copy", "one/f", "top/dst/"], "a file into it"),
+    ] {
+        let o = s.run(&args);
+        expect_code(&o, 2);
+        assert!(
+            stderr(&o).contains("another ferry transfer"),
+            "{what}: {}",
+            stderr(&o)
+        );
+    }
+    assert!(!s.path("top/dst/sub").exists() && !s.path("top/dst/f").exists());
+    // Beside it, a single file into the same parent goes on.
+    expect_code(&s.run(&["copy", "one/f", "top/"]), 0);
+    s.release();
+    expect_code(&c.wait_with_output().unwrap(), 0);
+    assert_same_tree(&s.path("src"), &s.path("top/dst"));
+}
