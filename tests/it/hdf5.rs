@@ -201,3 +201,39 @@ fn a_resume_checks_again_what_the_copy_asked_for() {
     );
     assert_same_tree(&s.path("ckpt"), &s.path("out"));
 }
+
+/// A staged copy damaged before its HDF5 check fails it (the source reads fine): the file is
+/// voided in the journal before its temporary file goes, so the next resume copies it again and
+/// commits, instead of checking the same bytes forever.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_failed_hdf5_check_of_the_copy_is_copied_again_by_the_resume() {
+    let s = Scratch::new();
+    gen(&s, "ckpt", 1, "6MiB");
+    let mut c = s
+        .ferry()
+        .env("FERRY_FAILPOINTS", "copy::all_done=pause")
+        .args(["copy", "--id", "hv", "--verify-hdf5", "ckpt", "out"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    s.wait_paused(&mut c);
+    // Damage the superblock of the staged rank0/ckpt.h5.
+    let staged = temps_in(&s.path("out"))
+        .into_iter()
+        .find(|p| {
+            fs::metadata(p).unwrap().len()
+                == fs::metadata(s.path("ckpt/rank0/ckpt.h5")).unwrap().len()
+        })
+        .unwrap();
+    flip_byte(&staged, 0);
+    s.release();
+    let o = c.wait_with_output().unwrap();
+    expect_code(&o, 8);
+    assert!(stderr(&o).contains("HDF5 check failed"), "{}", stderr(&o));
+    assert!(!staged.exists(), "voided, then removed");
+    let o = s.run(&["resume", "hv"]);
+    expect_code(&o, 0);
+    assert_same_tree(&s.path("ckpt"), &s.path("out"));
+}
