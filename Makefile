@@ -59,10 +59,14 @@ test: deps lint
 
 # Every failpoint x hit (first, middle, last) x victim rank x action (exit, EIO, ENOSPC, EACCES,
 # panic), on 1 and 4 in-process ranks and a subset under mpirun -n 4; one JSON line per cell in
-# target/crash-matrix.jsonl, and the line `cells: N, survived: S, safe-fail: F, violations: V`.
+# target/crash-matrix.jsonl, and the line `cells: N, survived: S, safe-fail: F, violations: V`;
+# then the hostile-world cells (foreign files, stale finals, swapped sources and state, failed
+# syncs, a second transfer).
 crash-matrix: deps
 	mkdir -p $(FERRY_TEST_TMP)
 	FERRY_CRASH_TIER=full $(CARGO) test --features failpoints,hdf5 --test crash_matrix -- --nocapture
+	# The hostile-world cells beside it (docs/failure-analysis.md), also part of `make test`.
+	$(CARGO) test --features failpoints,hdf5 --test it -- hostile security::a_hard_link hdf5::a_failed
 	rm -rf $(FERRY_TEST_TMP)
 
 # Benchmarks (root, 2 cores, ~40 min at full scale; FERRY_BENCH_SCALE=0.1 for a quick look):

@@ -16,6 +16,7 @@ struct Programs {
     tool: PathBuf,
     config: PathBuf,
     scr_flush: PathBuf,
+    poststage: PathBuf,
 }
 
 /// The directory of the ferry binary under test, where cargo put libaxl*.so too.
@@ -61,6 +62,7 @@ fn programs() -> &'static Programs {
             tool: build("mpi-tests/c/axl_tool.c", "axl_tool", "axl"),
             config: build("mpi-tests/c/axl_config.c", "axl_config", "axl"),
             scr_flush: build("docs/examples/scr_flush.c", "scr_flush", "axl_mpi"),
+            poststage: build("mpi-tests/c/scr_poststage.c", "scr_poststage", "axl_mpi"),
         }
     })
 }
@@ -490,4 +492,49 @@ fn two_state_file_transfers_into_one_directory_never_trade_bytes() {
     ok(&piped(&mut tool(&s, &["resume", "b.state"])));
     assert!(fs::read(s.path("ckpt/b.dat")).unwrap() == fs::read(s.path("b/b.dat")).unwrap());
     assert!(temps_in(&s.path("ckpt")).is_empty());
+}
+
+/// SCR's post-stage pattern under `mpirun -n 4`: one state file per rank, every rank flushing into
+/// one directory, a rank killed after all dispatched (the job goes down), then the next job
+/// restarts every rank's transfer from its state file: every file holds its own rank's bytes,
+/// committed once, and no temporary file is left.
+#[test]
+fn scr_post_stage_with_a_state_file_per_rank_survives_a_killed_rank_and_a_restart() {
+    let s = Scratch::new();
+    let mut r = Rng::new(44);
+    for k in 0..4 {
+        write_file(&s.path(&format!("cache/rank{k}.ckpt")), 2 << 20, &mut r);
+    }
+    fs::create_dir_all(s.path("ckpt.1")).unwrap();
+    fs::create_dir_all(s.path("scr")).unwrap();
+    let exe = &programs().poststage;
+    let o = piped(
+        mpirun_exe(&s, 4, exe)
+            .env("FERRY_AXL_STATE_DIR", s.path("axl-state"))
+            .env("SCR_POSTSTAGE_KILL_RANK", "2")
+            .args(["flush", "cache", "ckpt.1", "scr"]),
+    );
+    assert!(
+        !o.status.success(),
+        "the job was taken down by its killed rank"
+    );
+    // The killed rank's file is not at its final name; what is there is whole.
+    assert!(!s.path("ckpt.1/rank2.ckpt").exists());
+    assert!(s.path("scr/rank_2.state_file").exists());
+    assert_no_torn_finals(&s.path("cache"), &s.path("ckpt.1"));
+    let o = piped(
+        mpirun_exe(&s, 4, exe)
+            .env("FERRY_AXL_STATE_DIR", s.path("axl-state"))
+            .args(["restart", "scr"]),
+    );
+    ok(&o);
+    for k in 0..4 {
+        let name = format!("rank{k}.ckpt");
+        assert!(
+            fs::read(s.path("ckpt.1").join(&name)).unwrap()
+                == fs::read(s.path("cache").join(&name)).unwrap(),
+            "{name} holds its own rank's bytes"
+        );
+    }
+    assert!(temps_in(&s.path("ckpt.1")).is_empty());
 }
