@@ -49,7 +49,9 @@ test: deps lint
 	mkdir -p $(FERRY_TEST_TMP)
 	$(CARGO) build $(AXL_CRATES) --features ferry-axl/failpoints,ferry-axl-mpi/failpoints
 	$(CARGO) test -p ferry-axl --features failpoints --lib
-	set -e; eval "$$(bash scripts/slurm-cluster.sh start)"; \
+	set -e; cluster=$$(bash scripts/slurm-cluster.sh start) || { \
+	  echo "make test: the one-node Slurm cluster did not start (see $${FERRY_SLURM_DIR:-/tmp/ferry-slurm}/log)" >&2; \
+	  bash scripts/slurm-cluster.sh stop; exit 1; }; eval "$$cluster"; \
 	  trap 'bash scripts/slurm-cluster.sh stop' EXIT; \
 	  FERRY_REQUIRE_SLURM=1 $(CARGO) test --features failpoints,hdf5 --lib --bins \
 	    --test it --test mpi -- --test-threads 2
