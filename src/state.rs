@@ -516,28 +516,9 @@ fn user_name(uid: u32) -> Option<String> {
     }
 }
 
-/// A fresh transfer id: time of day plus random bits (`20261122T054417-3fa9c1`).
-pub fn new_id() -> String {
-    use std::collections::hash_map::RandomState;
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.write_u32(std::process::id());
-    let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
-    let stamp: String = stamp
-        .chars()
-        .filter(|c| c.is_ascii_digit() || *c == 'T')
-        .collect();
-    format!("{stamp}-{:06x}", h.finish() & 0xff_ffff)
-}
-
-/// A fresh random token for a plan (16 hex digits), part of its temporary names.
-pub fn new_nonce() -> String {
+/// 64 random bits: the process's random hasher keys, the time, the pid and, where it can be read,
+/// `/dev/urandom`.
+fn random_u64() -> u64 {
     use std::collections::hash_map::RandomState;
     use std::hash::{BuildHasher, Hasher};
     let mut h = RandomState::new().build_hasher();
@@ -555,7 +536,22 @@ pub fn new_nonce() -> String {
     {
         h.write(&r);
     }
-    format!("{:016x}", h.finish())
+    h.finish()
+}
+
+/// A fresh transfer id: time of day plus random bits (`20261122T054417-3fa9c1`).
+pub fn new_id() -> String {
+    let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let stamp: String = stamp
+        .chars()
+        .filter(|c| c.is_ascii_digit() || *c == 'T')
+        .collect();
+    format!("{stamp}-{:06x}", random_u64() & 0xff_ffff)
+}
+
+/// A fresh random token for a plan (16 hex digits), part of its temporary names.
+pub fn new_nonce() -> String {
+    format!("{:016x}", random_u64())
 }
 
 /// Ids are file names: letters, digits, `.`, `_`, `-`; 1 to 64 of them, not starting with `.`.

@@ -283,15 +283,11 @@ fn delete_source_keeps_a_source_rewritten_in_place_with_its_mtime_put_back() {
     fs::create_dir_all(s.path("src")).unwrap();
     let f = s.path("src/f");
     fs::write(&f, bytes(40_000, 1)).unwrap();
-    let mut c = s
-        .ferry()
-        .env("FERRY_FAILPOINTS", "delete::source=pause")
-        .args(["copy", "--id", "k", "--delete-source", "src", "dst"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    s.wait_paused(&mut c);
+    let c = spawn_paused(
+        &s,
+        "delete::source=pause",
+        &["copy", "--id", "k", "--delete-source", "src", "dst"],
+    );
     let mtime = fs::metadata(&f).unwrap().modified().unwrap();
     let mut w = fs::OpenOptions::new().write(true).open(&f).unwrap();
     std::io::Write::write_all(&mut w, &bytes(40_000, 2)).unwrap();
@@ -337,15 +333,11 @@ fn a_state_directory_swapped_for_a_link_between_phases_is_never_followed() {
         .unwrap();
     expect_code(&o, 99);
     let forged_before = files_under(&s.path("forged")).len();
-    let mut c = s
-        .ferry()
-        .env("FERRY_FAILPOINTS", "copy::all_done=pause")
-        .args(["copy", "--id", "t", "src", "dst"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    s.wait_paused(&mut c);
+    let c = spawn_paused(
+        &s,
+        "copy::all_done=pause",
+        &["copy", "--id", "t", "src", "dst"],
+    );
     fs::rename(s.path("dst/.ferry"), s.path("dst/.ferry-real")).unwrap();
     std::os::unix::fs::symlink(s.path("forged"), s.path("dst/.ferry")).unwrap();
     s.release();
@@ -380,15 +372,11 @@ fn a_second_transfer_into_a_nested_or_enclosing_destination_is_refused() {
     fs::create_dir_all(s.path("one")).unwrap();
     fs::write(s.path("one/f"), bytes(1000, 1)).unwrap();
     fs::create_dir_all(s.path("top")).unwrap();
-    let mut c = s
-        .ferry()
-        .env("FERRY_FAILPOINTS", "copy::unit_start=pause")
-        .args(["copy", "--id", "a", "src", "top/dst"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    s.wait_paused(&mut c);
+    let c = spawn_paused(
+        &s,
+        "copy::unit_start=pause",
+        &["copy", "--id", "a", "src", "top/dst"],
+    );
     for (args, what) in [
         (vec!["copy", "src", "top/dst/sub"], "nested"),
         (vec!["copy", "src", "top"], "enclosing"),

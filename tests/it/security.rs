@@ -491,15 +491,11 @@ fn a_hard_link_planted_at_a_temporary_name_is_never_written_through() {
     // Temporary names carry the plan's random nonce, so nobody can plant one before the plan:
     // plant it once the plan is durable, at the name top.dat (entry 5 of the plan: src, sub,
     // sub/b.dat, sub/deeper, sub/deeper/a.dat, top.dat) will get in attempt 1.
-    let mut c = s
-        .ferry()
-        .env("FERRY_FAILPOINTS", "plan::written=pause")
-        .args(["copy", "--id", "hl", "src", "dst"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    s.wait_paused(&mut c);
+    let c = spawn_paused(
+        &s,
+        "plan::written=pause",
+        &["copy", "--id", "hl", "src", "dst"],
+    );
     let nonce = plan_nonce(&s.path("dst/.ferry"), "hl");
     let planted = s.path(&format!("dst/.ferry-hl-{nonce}-5-1.tmp"));
     fs::hard_link(s.path("outside/canary"), &planted).unwrap();

@@ -622,3 +622,17 @@ pub fn plan_nonce(state_dir: &Path, id: &str) -> String {
     let v: serde_json::Value = serde_json::from_slice(body).unwrap();
     v["nonce"].as_str().unwrap().to_string()
 }
+
+/// `ferry ARGS` with failpoints `fp`, run until a `pause` failpoint is reached (stderr piped, for
+/// the caller's `wait_with_output`).
+pub fn spawn_paused(s: &Scratch, fp: &str, args: &[&str]) -> Child {
+    let mut c = s
+        .ferry()
+        .env("FERRY_FAILPOINTS", fp)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn_tracked();
+    s.wait_paused(&mut c);
+    c
+}
