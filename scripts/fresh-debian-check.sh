@@ -98,9 +98,9 @@ fi
 
 bind() { mkdir -p "$root$2"; mount "${@:3}" --bind "$1" "$root$2"; mounts+=("$root$2"); }
 mount -t proc proc "$root/proc"; mounts+=("$root/proc")
-mount -t sysfs sys "$root/sys"; mounts+=("$root/sys")
-# The machine's cgroup hierarchy, as on a booted machine (slurmd needs it).
-if [ -d /sys/fs/cgroup ]; then bind /sys/fs/cgroup /sys/fs/cgroup; fi
+# The machine's /sys with everything mounted below it (the cgroup hierarchy slurmd needs), as a
+# booted machine has it.
+mount --rbind /sys "$root/sys"; mount --make-rslave "$root/sys"; mounts+=("$root/sys")
 bind /dev /dev
 mount -t devpts devpts "$root/dev/pts" -o newinstance,ptmxmode=0666 2>/dev/null && mounts+=("$root/dev/pts") || true
 mount -t tmpfs -o mode=1777 tmpfs "$root/dev/shm"; mounts+=("$root/dev/shm")

@@ -205,6 +205,46 @@ impl TransferDir {
         self.at.is_some()
     }
 
+    /// [`TransferDir::pin`] a directory that must exist (a rank joining a run, a command acting
+    /// on the transfer): a missing one is an error, never a fall-back to its path.
+    pub fn pin_existing(&mut self, hint: &str) -> Result<()> {
+        self.pin(hint)?;
+        if self.at.is_none() && proc_fd() {
+            return Err(Error::new(
+                ErrorClass::NotFound,
+                format!("the state of transfer {} is gone", self.id),
+            )
+            .with_op("open-dir")
+            .with_path(&self.path));
+        }
+        Ok(())
+    }
+
+    /// Remove the transfer's directory and what it holds: the files through the descriptor,
+    /// then the (then empty) directory itself. A directory that cannot be pinned (swapped for a
+    /// link, another user's) is left alone with the error; nothing is removed through a link.
+    pub fn remove(&self, hint: &str) -> Result<()> {
+        let mut td = self.clone();
+        td.pin(hint)?;
+        if !td.pinned() {
+            if !proc_fd() && self.path.is_dir() {
+                // No /proc: checked by path just now (`pin`), removed by path.
+                return fs::remove_dir_all(&self.path).ctx("remove-dir", &self.path);
+            }
+            return Ok(()); // gone already
+        }
+        let dir = td.dir();
+        for ent in fs::read_dir(&dir).ctx("read-dir", &self.path)? {
+            let ent = ent.ctx("read-dir", &self.path)?;
+            fsio::remove_file(&ent.path())?;
+        }
+        match fs::remove_dir(&self.path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("rmdir", &self.path, e)),
+        }
+    }
+
     /// The directory, as ferry reaches it: through its descriptor once pinned.
     pub fn dir(&self) -> PathBuf {
         use std::os::fd::AsRawFd;

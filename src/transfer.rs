@@ -295,7 +295,7 @@ pub fn copy(comm: &dyn Comm, opts: &CopyOptions, run: &RunOptions) -> Result<Sum
             Some(td) => Ok(td),
             None => {
                 let mut td = TransferDir::from_path(path, id);
-                td.pin(PRIVATE_HINT).map(|_| td)
+                td.pin_existing(PRIVATE_HINT).map(|_| td)
             }
         };
         agree(comm, pinned)?
@@ -441,7 +441,10 @@ fn resolve_pairs(opts: &CopyOptions) -> Result<(Layout, Vec<Root>, (PathBuf, OsS
 const PRIVATE_HINT: &str = "give a private directory of yours with --state-dir";
 
 fn undo_setup(td: &TransferDir, made: &[PathBuf], register: bool) {
-    let _ = std::fs::remove_dir_all(&td.path);
+    // Through its descriptor: a directory swapped for a link is left, never followed.
+    if let Err(e) = td.remove(PRIVATE_HINT) {
+        log::warn!("left '{}': {e}", td.path.display());
+    }
     if register {
         state::registry::remove(&td.id);
     }
@@ -498,7 +501,7 @@ fn setup_new_transfer(
         make_transfer_dir(&td, &state_dir)?;
         // Held open from here on: everything of this transfer goes through that descriptor.
         let mut pinned = td.clone();
-        pinned.pin(PRIVATE_HINT)?;
+        pinned.pin_existing(PRIVATE_HINT)?;
         Lock::acquire(&pinned).map(|lock| (pinned, lock))
     })();
     match res {
@@ -514,11 +517,10 @@ fn setup_new_transfer(
 
 fn make_transfer_dir(td: &TransferDir, state_dir: &Path) -> Result<()> {
     let id = &td.id;
-    match std::fs::DirBuilder::new().create(&td.path) {
+    use std::os::unix::fs::DirBuilderExt;
+    // Made 0700 (the umask can only narrow it): no chmod by path afterwards.
+    match std::fs::DirBuilder::new().mode(0o700).create(&td.path) {
         Ok(()) => {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&td.path, std::fs::Permissions::from_mode(0o700))
-                .ctx("chmod", &td.path)?;
             fsio::fsync_dir(state_dir)?;
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -626,7 +628,7 @@ pub fn resume(
             .map_err(Error::internal)
             .and_then(|path| {
                 let mut td = TransferDir::from_path(path, id);
-                td.pin(PRIVATE_HINT).map(|_| td)
+                td.pin_existing(PRIVATE_HINT).map(|_| td)
             }),
     };
     let td = agree(comm, pinned)?;
@@ -925,6 +927,15 @@ fn drop_voided(
     Ok(())
 }
 
+/// Clears the stop notice's path when dropped.
+struct NoticeReset;
+
+impl Drop for NoticeReset {
+    fn drop(&mut self) {
+        stop::set_notice(None);
+    }
+}
+
 /// The phases every run goes through once the plan is known.
 fn execute(
     comm: &dyn Comm,
@@ -1024,6 +1035,9 @@ fn execute(
     // that stopped, still stops it (a resume finishes the commit).
     let stop_notice = td.file(names::STOP);
     stop::set_notice(Some(stop_notice.clone()));
+    // Reset on every way out (an error, a panic): the notice's path goes through this
+    // transfer's descriptor and must not outlive it.
+    let _notice = NoticeReset;
     let stopper = Stopper::new(
         (!known.decided).then(|| td.file(names::CANCEL_REQUEST)),
         Some(stop_notice),
@@ -1517,6 +1531,10 @@ pub enum CancelOutcome {
 /// `ferry cancel`: stop a running transfer or cancel an interrupted one. A committed (or
 /// committing) transfer is refused with a `usage` error.
 pub fn cancel(td: &TransferDir, wait: std::time::Duration) -> Result<CancelOutcome> {
+    // Checked and held open, whoever made this handle (the library's too).
+    let mut td = td.clone();
+    td.pin_existing(PRIVATE_HINT)?;
+    let td = &td;
     let st = status::status(td);
     match st.state {
         State::Committed => {
@@ -1728,6 +1746,9 @@ pub fn verify(td: &TransferDir) -> Result<manifest::Manifest> {
 
 /// `ferry forget`: remove a committed or cancelled transfer's state (the id stays reserved).
 pub fn forget(td: &TransferDir) -> Result<()> {
+    let mut td = td.clone();
+    td.pin_existing(PRIVATE_HINT)?;
+    let td = &td;
     let st = status::status(td);
     if !matches!(
         st.state,

@@ -32,7 +32,7 @@ use std::thread::JoinHandle;
 
 use crate::comm::{Comm, SingleComm};
 use crate::engine::Progress;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::state::{self, TransferDir};
 use crate::status::State;
 use crate::transfer::{self, CopyOptions, RunOptions, Summary};
@@ -386,7 +386,7 @@ fn release(td: &TransferDir, companion: Option<&Path>) -> Result<()> {
         } else if planned && !matches!(st.state, State::Committed | State::Cancelled) {
             transfer::cancel(td, std::time::Duration::from_secs(30))?;
         }
-        std::fs::remove_dir_all(&td.path).ctx("remove-dir", &td.path)?;
+        td.remove("give a private directory of yours for the state")?;
     }
     if let Some(c) = companion {
         crate::fsio::remove_file(c)?;

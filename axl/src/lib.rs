@@ -571,7 +571,9 @@ fn remove_stale(td: &TransferDir) -> Result<(), String> {
     let mut x = Xfer::open(&td.id, ferry::fsio::parent_of(&td.path));
     match &mut x {
         Ok(x) => x.free().map_err(|e| e.to_string()),
-        Err(_) => std::fs::remove_dir_all(&td.path)
+        // Through its descriptor, after the privacy check: never through a link.
+        Err(_) => td
+            .remove("a private directory of this user")
             .map_err(|e| format!("cannot remove '{}': {e}", td.path.display())),
     }
 }
