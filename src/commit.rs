@@ -210,24 +210,21 @@ pub fn check_finals(plan: &Plan, me: usize, n: usize, idents: &Idents) -> Result
     let missing = |p: &Path, op: &str| Error::io(op, p, io::Error::from_raw_os_error(libc::ENOENT));
     for e in owned(plan, me, n, Kind::File) {
         let ent = plan.entry(e);
-        let st = tree
-            .stat(&ent.dst, ent.dst_depth())?
-            .ok_or_else(|| missing(&ent.dst, "stat"))?;
-        let size = st.st_size as u64;
-        let id = ident(idents, e, ent)?;
-        let same = tree
+        // One statx: identity, type and size.
+        let k = tree
             .key(&ent.dst, ent.dst_depth())?
-            .is_some_and(|k| id.is(k.key));
-        if !is_file(&st) || size != ent.size || !same {
+            .ok_or_else(|| missing(&ent.dst, "stat"))?;
+        let id = ident(idents, e, ent)?;
+        if !k.regular || k.size != ent.size || !id.is(k.key) {
             return Err(Error::integrity(
                 &ent.dst,
                 format!(
                     "final file is not the file ferry copied (a {} of {} bytes, inode {}; \
                      planned a file of {} bytes, inode {}): it was replaced behind ferry's back, \
                      and nothing was committed",
-                    if is_file(&st) { "file" } else { "non-file" },
-                    size,
-                    st.st_ino,
+                    if k.regular { "file" } else { "non-file" },
+                    k.size,
+                    k.key.1,
                     ent.size,
                     id.ino
                 ),
@@ -300,10 +297,18 @@ pub fn write_commit(
 /// is refused, never followed. A source that is no longer the file that was copied (another
 /// inode, size or mtime: the application wrote a new one there) is kept and returned, never
 /// removed.
-pub fn delete_source_files(plan: &Plan, me: usize, n: usize) -> Result<Vec<PathBuf>> {
+pub fn delete_source_files(
+    td: &TransferDir,
+    plan: &Plan,
+    me: usize,
+    n: usize,
+) -> Result<Vec<PathBuf>> {
     let tree = fsio::Tree::new();
     let mut dirs = BTreeMap::new();
     let mut kept = Vec::new();
+    // The committed CRC of each file, read from the commit record only if a source's change time
+    // moved (a chmod, a hard link, a restored link count... or a rewrite with its mtime put back).
+    let mut committed: Option<HashMap<PathBuf, u32>> = None;
     for kind in [Kind::File, Kind::Symlink] {
         for e in owned(plan, me, n, kind) {
             let ent = plan.entry(e);
@@ -312,15 +317,34 @@ pub fn delete_source_files(plan: &Plan, me: usize, n: usize) -> Result<Vec<PathB
             let Some(st) = tree.stat(src, ent.depth)? else {
                 continue;
             };
-            // The change time too (plans that recorded it): a source rewritten in place with its
-            // size and mtime put back is another version, and is kept.
-            let ctime = (st.st_ctime, st.st_ctime_nsec as u32);
-            let same = st.st_ino == ent.ino
+            let mut same = st.st_ino == ent.ino
                 && (kind == Kind::Symlink
                     || (st.st_size as u64 == ent.size
                         && st.st_mtime == ent.mtime.0
-                        && st.st_mtime_nsec as u32 == ent.mtime.1
-                        && (ent.ctime == (0, 0) || ctime == ent.ctime)));
+                        && st.st_mtime_nsec as u32 == ent.mtime.1));
+            // Its change time moved since it was planned: removed only if its bytes are still
+            // those committed (a source rewritten in place with its mtime put back is another
+            // version, and is kept).
+            let ctime = (st.st_ctime, st.st_ctime_nsec as u32);
+            if same && kind == Kind::File && ent.ctime != (0, 0) && ctime != ent.ctime {
+                if committed.is_none() {
+                    let rec: Option<CommitRecord> =
+                        state::read_record(&td.file(names::COMMIT), "commit")?;
+                    committed = Some(
+                        rec.map(|r| {
+                            r.manifest
+                                .files
+                                .into_iter()
+                                .map(|f| (f.path, f.crc32))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    );
+                }
+                let want = committed.as_ref().and_then(|m| m.get(&ent.dst)).copied();
+                let f = tree.open_read(src, ent.depth)?;
+                same = want == Some(file_crc(&f, src)?);
+            }
             if !same {
                 log::warn!(
                     "kept source '{}': it is not the file that was copied any more",
@@ -344,6 +368,21 @@ pub fn delete_source_files(plan: &Plan, me: usize, n: usize) -> Result<Vec<PathB
         }
     }
     Ok(kept)
+}
+
+/// The CRC32 of an open file's bytes from its start.
+fn file_crc(f: &std::fs::File, path: &Path) -> Result<u32> {
+    use std::io::Read;
+    let mut h = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut r = f;
+    loop {
+        let k = r.read(&mut buf).map_err(|e| Error::io("read", path, e))?;
+        if k == 0 {
+            return Ok(h.finalize());
+        }
+        h.update(&buf[..k]);
+    }
 }
 
 /// Remove the source directories this rank owns, deepest first. A directory that still holds

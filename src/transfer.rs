@@ -1478,7 +1478,7 @@ fn run_phases(
 /// since they were copied, or directories holding files outside the plan) are recorded.
 fn delete_sources(comm: &dyn Comm, td: &TransferDir, plan: &Plan) -> Result<bool> {
     let (me, n) = (comm.rank(), comm.size());
-    let files = agree(comm, commit::delete_source_files(plan, me, n))?;
+    let files = agree(comm, commit::delete_source_files(td, plan, me, n))?;
     let kept = agree(
         comm,
         commit::delete_source_dirs(plan, me, n).and_then(|dirs| {
