@@ -75,7 +75,12 @@ trap cleanup EXIT
 say() { echo "fresh-debian-check: $*" | tee -a "$log"; }
 : > "$log"
 command -v debootstrap >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null; }
-if [ -e "$root" ]; then rm -rf --one-file-system "$root"; fi
+# A root left by a killed run: unmount what is still mounted inside it first, and never remove
+# across a mount (the machine's /dev and /sys are bound in while a run lasts).
+if [ -e "$root" ]; then
+  grep -o " $root/[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+  rm -rf --one-file-system "$root"
+fi
 say "debootstrap --variant=minbase $suite from $mirror into $root"
 t0=$(date +%s)
 debootstrap --variant=minbase "$suite" "$root" "$mirror" > "$root.debootstrap.log" 2>&1 \
