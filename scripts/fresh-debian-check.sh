@@ -93,6 +93,10 @@ for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.l
   [ -f "$f" ] && cp "$f" "$root$f"
 done
 cp /etc/resolv.conf "$root/etc/resolv.conf"
+# The machine's own name, as every booted machine has it in /etc/hosts (debootstrap writes none:
+# without it, Open MPI's MPI_Abort waited 10 s for a DNS lookup of the host name).
+cp /etc/hosts "$root/etc/hosts"
+[ -f /etc/hostname ] && cp /etc/hostname "$root/etc/hostname"
 # The machine's own network trust (a site or proxy CA under /usr/local/share/ca-certificates),
 # as a new machine of this kind has it: update-ca-certificates adds it once ca-certificates is
 # installed by scripts/install-deps.sh.
