@@ -100,11 +100,6 @@ impl Temps {
             .copied()
     }
 
-    /// Everything known now.
-    pub fn all(&self) -> Idents {
-        self.known.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
     /// The temporary files this rank created in this attempt.
     pub fn created(&self) -> Vec<(u32, TempId)> {
         self.created
@@ -138,7 +133,7 @@ impl Temps {
                 )
                 .with_op("copy"));
             }
-            let f = job_open_existing(tree, &tmp, ent.dst_depth(), &id)?;
+            let f = tree.open_temp(&tmp, ent.dst_depth(), id.key())?;
             return Ok((f, tmp, None));
         }
         let tmp = temp_path(plan, e, self.attempt);
@@ -179,11 +174,6 @@ impl Temps {
         journal.record_created(e as u32, id, (dir, ent.dst_depth().saturating_sub(1)))?;
         Ok(id)
     }
-}
-
-/// Open the existing temporary file `tmp` as the very file `id` names.
-fn job_open_existing(tree: &fsio::Tree, tmp: &Path, depth: u16, id: &TempId) -> Result<File> {
-    tree.open_temp(tmp, depth, id.key())
 }
 
 thread_local! {

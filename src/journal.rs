@@ -318,11 +318,8 @@ impl Journal {
     /// Record the temporary file `id` of `entry`, made before any copying (the file's name is
     /// made durable first), and write it out.
     pub fn record_created(&self, entry: u32, id: TempId, dir: (&Path, u16)) -> Result<()> {
-        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        g.dirs.insert(dir.0.to_path_buf(), dir.1);
-        g.pending.extend_from_slice(&encode_temp(entry, &id));
-        g.oldest.get_or_insert_with(Instant::now);
-        self.flush_locked(&mut g)
+        self.note_created(entry, id, dir)?;
+        self.flush()
     }
 
     /// Note the temporary file `id` of `entry` (written out with the next flush).
