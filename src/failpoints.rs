@@ -9,7 +9,7 @@
 //!
 //! Each item is `name=action[@rank][#nth[*count]]`: `action` is `exit` (leave the process at once
 //! without unwinding or flushing, what SIGKILL does), `panic`, `error(ERRNO)` with ERRNO one of
-//! `EIO`, `ENOSPC`, `EACCES`, `EPERM`, `EROFS`, `EFBIG`, `EAGAIN`, `ETIMEDOUT`, `EINTR` (the error
+//! `EIO`, `ENOSPC`, `EACCES`, `EPERM`, `EROFS`, `EFBIG`, `EAGAIN`, `ETIMEDOUT`, `EINTR`, `ENOLCK` (the error
 //! of the operation named by the point's last part: `copy::read` fails a read), `powerloss` (as `exit`, after recording what a power loss would keep:
 //! see the `powerloss` module), or `pause` (create `$FERRY_FAILPOINTS_GATE.paused`, then wait until the
 //! file `$FERRY_FAILPOINTS_GATE` exists, and remove it: tests use it to look at, or tamper with, a run at an
@@ -31,6 +31,7 @@ pub const EXIT_CODE: i32 = 99;
 /// Every failpoint in the engine, in the order a run meets them. A test keeps this list, the
 /// source and docs/failure-analysis.md in step.
 pub const DECLARED: &[&str] = &[
+    "locks::dest",
     "plan::walked",
     "plan::written",
     "comm::before_agree",
@@ -149,6 +150,7 @@ mod imp {
                             "EAGAIN" => libc::EAGAIN,
                             "ETIMEDOUT" => libc::ETIMEDOUT,
                             "EINTR" => libc::EINTR,
+                            "ENOLCK" => libc::ENOLCK,
                             _ => return None,
                         })
                     }

@@ -16,6 +16,7 @@
 //! | manifest and `ferry verify` | [`manifest`] |
 //! | HDF5: `--verify-hdf5`, `ferry gen` (feature `hdf5`) | [`h5`] |
 //! | state directory, records, lock, registry | [`state`] |
+//! | advisory locks: a run's, a destination's (the only place) | [`locks`] |
 //! | `ferry status` | [`status`] |
 //! | the protocol, phase by phase | [`transfer`] |
 //! | signals, peers that stopped, cancel requests | [`stop`] |
@@ -32,6 +33,7 @@ pub mod failpoints;
 pub mod fsio;
 pub mod h5;
 pub mod journal;
+pub mod locks;
 pub mod manifest;
 #[cfg(feature = "mpi")]
 pub mod mpi_comm;

@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorClass, IoContext, Result};
-use crate::fsio;
+use crate::{fsio, locks};
 
 /// File names inside a transfer directory.
 pub mod names {
@@ -303,7 +303,7 @@ impl TransferDir {
 }
 
 /// [`check_private`] on an open directory `fd` (named `dir`).
-fn check_private_fd(fd: &std::os::fd::OwnedFd, dir: &Path, hint: &str) -> Result<()> {
+pub(crate) fn check_private_fd(fd: &std::os::fd::OwnedFd, dir: &Path, hint: &str) -> Result<()> {
     let st = rustix::fs::fstat(fd)
         .map_err(io::Error::from)
         .ctx("stat", dir)?;
@@ -619,30 +619,18 @@ pub struct Lock {
 }
 
 fn open_lock(td: &TransferDir) -> Result<File> {
-    open_lock_file(&td.file(names::LOCK))
-}
-
-/// Open (creating, private, never through a symlink) a file that is only ever locked.
-fn open_lock_file(p: &Path) -> Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(p)
-        .ctx("open", p)
+    locks::open_lock_file(&td.file(names::LOCK))
 }
 
 impl Lock {
     /// Take the transfer's lock or fail with a `usage` error naming the holder.
     pub fn acquire(td: &TransferDir) -> Result<Lock> {
         let mut f = open_lock(td)?;
+        let lp = td.file(names::LOCK);
         // `ferry status` holds a shared lock for an instant; do not mistake it for a run.
         for _ in 0..50 {
-            match f.try_lock() {
-                Ok(()) => {
+            match locks::try_lock(&f, &lp, locks::Kind::Exclusive, locks::Range::ALL)? {
+                true => {
                     if members_alive(td, 50) {
                         return Err(Error::new(
                             ErrorClass::Usage,
@@ -660,12 +648,7 @@ impl Lock {
                     let _ = write!(f, "pid {} on {host} by {user}", std::process::id());
                     return Ok(Lock { _file: f });
                 }
-                Err(fs::TryLockError::WouldBlock) => {
-                    std::thread::sleep(std::time::Duration::from_millis(5));
-                }
-                Err(fs::TryLockError::Error(e)) => {
-                    return Err(Error::io("lock", &td.file(names::LOCK), e))
-                }
+                false => std::thread::sleep(std::time::Duration::from_millis(5)),
             }
         }
         let holder = lock_holder(&mut f);
@@ -695,8 +678,9 @@ fn lock_holder(f: &mut File) -> String {
 /// If a live run holds the transfer's lock, who it is; if only ranks of a run are still alive
 /// (rank 0 is gone, the others not yet), says so.
 pub fn live_holder(td: &TransferDir) -> Option<String> {
-    if let Ok(mut f) = File::open(td.file(names::LOCK)) {
-        if let Err(fs::TryLockError::WouldBlock) = f.try_lock_shared() {
+    let lp = td.file(names::LOCK);
+    if let Ok(mut f) = File::open(&lp) {
+        if let Ok(false) = locks::try_lock(&f, &lp, locks::Kind::Shared, locks::Range::ALL) {
             return Some(lock_holder(&mut f));
         }
     }
@@ -726,13 +710,11 @@ fn members_alive(td: &TransferDir, tries: u32) -> bool {
         }
     };
     for i in 0..tries {
-        match f.try_lock() {
-            Ok(()) => return false,
-            Err(fs::TryLockError::WouldBlock) if i + 1 < tries => {
-                std::thread::sleep(std::time::Duration::from_millis(20))
-            }
-            Err(fs::TryLockError::WouldBlock) => return true,
-            Err(fs::TryLockError::Error(e)) => {
+        match locks::try_lock(&f, &p, locks::Kind::Exclusive, locks::Range::ALL) {
+            Ok(true) => return false,
+            Ok(false) if i + 1 < tries => std::thread::sleep(std::time::Duration::from_millis(20)),
+            Ok(false) => return true,
+            Err(e) => {
                 log::warn!(
                     "cannot lock '{}' to see whether ranks of a run are alive: {e}; assuming they are",
                     p.display()
@@ -742,88 +724,6 @@ fn members_alive(td: &TransferDir, tries: u32) -> bool {
         }
     }
     false
-}
-
-/// Locks on the destinations a run fills, held for the run: an exclusive `flock` on each
-/// destination tree's root (see [`crate::plan::Plan::dest_roots`]) and a shared one on every
-/// directory above it (and above each single file it writes). A second transfer into the same
-/// tree, into a tree nested in it (`/d` and `/d/sub`), or into a tree holding it, gets a `usage`
-/// error instead of mixing its files with the first one's; transfers into sibling trees, or of
-/// single files into one directory (SCR's ranks flushing into `ckpt.N/`), go on side by side.
-#[derive(Debug)]
-pub struct DestLock {
-    _files: Vec<File>,
-}
-
-fn busy(d: &Path) -> Error {
-    Error::usage(
-        "another ferry transfer is writing into this destination (or into a tree that holds \
-         it, or one inside it) right now; wait for it to end (`ferry list`) or choose another \
-         destination",
-    )
-    .with_op("lock")
-    .with_path(d)
-}
-
-impl DestLock {
-    /// Lock the trees `dirs` (creating them if `create`; else skipping those that do not exist
-    /// yet).
-    pub fn acquire(dirs: &[PathBuf], create: bool) -> Result<DestLock> {
-        DestLock::acquire_with(dirs, &[], create)
-    }
-
-    /// [`DestLock::acquire`], and `written`, directories that single files are written into
-    /// (shared locks on them and above).
-    pub fn acquire_with(dirs: &[PathBuf], written: &[PathBuf], create: bool) -> Result<DestLock> {
-        let mut out = Vec::new();
-        let mut mine: std::collections::BTreeSet<PathBuf> = Default::default();
-        for d in dirs {
-            if create {
-                fsio::create_dirs(d)?;
-            } else if !d.is_dir() {
-                continue;
-            }
-            let f = File::open(d).ctx("open-dir", d)?;
-            match f.try_lock() {
-                Ok(()) => {
-                    out.push(f);
-                    mine.insert(d.clone());
-                }
-                Err(fs::TryLockError::WouldBlock) => return Err(busy(d)),
-                // A file system without locks on directories (NFS): go on without this guard,
-                // and say so where the user sees it. Temporary names are unique per transfer
-                // and trusted by identity, so a second transfer cannot trade bytes with this
-                // one; it can still write the same final names.
-                Err(fs::TryLockError::Error(e)) => log::warn!(
-                    "cannot lock destination '{}' ({e}): a second transfer into it is not \
-                     refused on this file system",
-                    d.display()
-                ),
-            }
-        }
-        // Every directory above the trees, and each single file's directory and those above.
-        let mut above: std::collections::BTreeSet<PathBuf> = Default::default();
-        for d in dirs {
-            above.extend(d.ancestors().skip(1).map(Path::to_path_buf));
-        }
-        for w in written {
-            above.extend(w.ancestors().map(Path::to_path_buf));
-        }
-        for d in above {
-            if d.as_os_str().is_empty() || mine.contains(&d) {
-                continue;
-            }
-            let Ok(f) = File::open(&d) else { continue };
-            match f.try_lock_shared() {
-                Ok(()) => out.push(f),
-                Err(fs::TryLockError::WouldBlock) => return Err(busy(&d)),
-                Err(fs::TryLockError::Error(e)) => {
-                    log::debug!("cannot lock '{}' shared ({e})", d.display())
-                }
-            }
-        }
-        Ok(DestLock { _files: out })
-    }
 }
 
 /// A rank's membership in a live run: a shared lock on `members`, held until the rank is done, so
@@ -837,8 +737,8 @@ impl Member {
     /// Join the run of `td` (blocks only while a new run checks for stragglers).
     pub fn join(td: &TransferDir) -> Result<Member> {
         let p = td.file(names::MEMBERS);
-        let f = open_lock_file(&p)?;
-        f.lock_shared().ctx("lock", &p)?;
+        let f = locks::open_lock_file(&p)?;
+        locks::lock_wait(&f, &p, locks::Kind::Shared, locks::Range::ALL)?;
         Ok(Member { _file: f })
     }
 }

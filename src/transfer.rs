@@ -34,10 +34,11 @@ use crate::failpoints;
 use crate::fsio;
 use crate::h5;
 use crate::journal::{self, Idents, Journal, TempId};
+use crate::locks::DestLock;
 use crate::manifest::{self, CommitRecord};
 use crate::plan::{self, Entry, Kind, Layout, Plan};
 use crate::retry::RetryPolicy;
-use crate::state::{self, names, DestLock, Lock, TransferDir};
+use crate::state::{self, names, Lock, TransferDir};
 use crate::status::{self, State, Status};
 use crate::stop::{self, Stopper};
 
@@ -1011,25 +1012,23 @@ fn execute(
     }
     let dest = {
         let wp = if me == 0 { plan } else { &slice };
-        // Single files outside any planned directory (a file copy, AXL pairs): their
-        // directories are written into.
-        let written: Vec<PathBuf> = wp
+        // Single files outside any planned tree (a file copy, AXL pairs): each is locked by
+        // its name in its directory.
+        let roots = wp.dest_roots(me, n);
+        let files: Vec<PathBuf> = wp
             .held_entries()
             .into_iter()
             .map(|e| wp.entry(e))
-            .filter(|e| e.kind != Kind::Dir && e.dst_depth() <= 1)
+            .filter(|e| e.kind != Kind::Dir && !roots.iter().any(|r| e.dst.starts_with(r)))
             .filter(|e| match (wp.layout, e.holder) {
                 (Layout::Local, Some(h)) => h == me,
                 _ => me == 0,
             })
-            .map(|e| fsio::parent_of(&e.dst).to_path_buf())
+            .map(|e| e.dst.clone())
             .collect::<BTreeSet<PathBuf>>()
             .into_iter()
             .collect();
-        agree(
-            comm,
-            DestLock::acquire_with(&wp.dest_roots(me, n), &written, true),
-        )
+        agree(comm, DestLock::acquire_with(&roots, &files, true))
     };
     // Past the decision a cancel is refused: the run only moves forward. A signal, or a peer
     // that stopped, still stops it (a resume finishes the commit).

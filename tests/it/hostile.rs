@@ -397,3 +397,119 @@ fn a_second_transfer_into_a_nested_or_enclosing_destination_is_refused() {
     expect_code(&c.wait_with_output().unwrap(), 0);
     assert_same_tree(&s.path("src"), &s.path("top/dst"));
 }
+
+/// Two transfers of one final name never run at once: while a single-file copy into `ckpt/` is
+/// running, a copy of another file of the same name, or of a tree into `ckpt`, is refused before
+/// anything is written; a file of another name goes on (SCR's ranks flushing into one
+/// directory). Once the first has ended, the same name may be written again.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_second_transfer_of_the_same_final_name_is_refused_other_names_go_on() {
+    let s = Scratch::new();
+    fs::create_dir_all(s.path("a")).unwrap();
+    fs::create_dir_all(s.path("b")).unwrap();
+    fs::create_dir_all(s.path("ckpt")).unwrap();
+    fs::write(s.path("a/f"), bytes(300_000, 1)).unwrap();
+    fs::write(s.path("b/f"), bytes(300_000, 2)).unwrap();
+    fs::write(s.path("b/g"), bytes(1000, 3)).unwrap();
+    let c = spawn_paused(
+        &s,
+        "copy::unit_start=pause",
+        &["copy", "--id", "first", "a/f", "ckpt/"],
+    );
+    for (args, what) in [
+        (vec!["copy", "b/f", "ckpt/"], "the same name"),
+        (
+            vec!["copy", "b/f", "ckpt/f"],
+            "the same name, spelled as a file",
+        ),
+        (vec!["copy", "b", "ckpt"], "a tree into its directory"),
+    ] {
+        let o = s.run(&args);
+        expect_code(&o, 2);
+        assert!(
+            stderr(&o).contains("another ferry transfer"),
+            "{what}: {}",
+            stderr(&o)
+        );
+    }
+    assert!(!s.path("ckpt/g").exists(), "the refused tree wrote nothing");
+    // A file of another name goes on beside it.
+    let other = s.path("other");
+    fs::create_dir_all(&other).unwrap();
+    fs::write(other.join("g"), bytes(1000, 4)).unwrap();
+    expect_code(&s.run(&["copy", "other/g", "ckpt/"]), 0);
+    s.release();
+    expect_code(&c.wait_with_output().unwrap(), 0);
+    assert_eq!(fs::read(s.path("ckpt/f")).unwrap(), bytes(300_000, 1));
+    // One after the other is no conflict: the later copy wins, as with cp.
+    expect_code(&s.run(&["copy", "b/f", "ckpt/"]), 0);
+    assert_eq!(fs::read(s.path("ckpt/f")).unwrap(), bytes(300_000, 2));
+}
+
+/// An AXL-style transfer (the library's `Xfer`) of a file pair is guarded like a CLI copy: a
+/// pair onto the final name a running copy writes fails with `usage` and leaves that copy's
+/// bytes; a pair onto another name in the same directory commits.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_library_transfer_onto_a_name_a_running_copy_writes_is_refused() {
+    use ferry::xfer::Xfer;
+    let s = Scratch::new();
+    fs::create_dir_all(s.path("a")).unwrap();
+    fs::create_dir_all(s.path("cache")).unwrap();
+    fs::create_dir_all(s.path("ckpt")).unwrap();
+    fs::write(s.path("a/f"), bytes(300_000, 1)).unwrap();
+    fs::write(s.path("cache/f"), bytes(300_000, 2)).unwrap();
+    fs::write(s.path("cache/g"), bytes(2000, 3)).unwrap();
+    let c = spawn_paused(
+        &s,
+        "copy::unit_start=pause",
+        &["copy", "--id", "cli", "a/f", "ckpt/"],
+    );
+    let mut same = Xfer::create("same", &s.path("state")).unwrap();
+    same.add(s.path("cache/f"), s.path("ckpt/f")).unwrap();
+    same.dispatch().unwrap();
+    let e = same.wait().unwrap_err();
+    assert_eq!(e.class, ferry::ErrorClass::Usage, "{e}");
+    assert!(e.to_string().contains("another ferry transfer"), "{e}");
+    let mut other = Xfer::create("other", &s.path("state")).unwrap();
+    other.add(s.path("cache/g"), s.path("ckpt/g")).unwrap();
+    other.dispatch().unwrap();
+    other.wait().unwrap();
+    assert_eq!(fs::read(s.path("ckpt/g")).unwrap(), bytes(2000, 3));
+    s.release();
+    expect_code(&c.wait_with_output().unwrap(), 0);
+    assert_eq!(fs::read(s.path("ckpt/f")).unwrap(), bytes(300_000, 1));
+}
+
+/// A file system that refuses locks (NFS without lockd, Lustre mounted `noflock`: the
+/// failpoint's ENOLCK) stops the run with `usage` before anything is written, naming the way
+/// out; `FERRY_DEST_LOCK=off` takes it, with a warning.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_file_system_without_locks_stops_the_run_loudly_unless_told_to_go_on() {
+    let s = Scratch::new();
+    fs::create_dir_all(s.path("a")).unwrap();
+    fs::write(s.path("a/f"), bytes(5000, 1)).unwrap();
+    let fp = "locks::dest=error(ENOLCK)#1*";
+    for args in [vec!["copy", "a/f", "out/"], vec!["copy", "a", "tree"]] {
+        let o = run_fp(&s, fp, &args);
+        expect_code(&o, 2);
+        assert!(
+            stderr(&o).contains("refuses a lock") && stderr(&o).contains("FERRY_DEST_LOCK=off"),
+            "{}",
+            stderr(&o)
+        );
+    }
+    assert!(!s.path("out/f").exists() && !s.path("tree/f").exists());
+    let o = s
+        .ferry()
+        .env("FERRY_FAILPOINTS", fp)
+        .env("FERRY_DEST_LOCK", "off")
+        .args(["copy", "a", "tree"])
+        .output()
+        .unwrap();
+    expect_code(&o, 0);
+    assert!(stderr(&o).contains("FERRY_DEST_LOCK=off"), "{}", stderr(&o));
+    assert_same_tree(&s.path("a"), &s.path("tree"));
+}
