@@ -10,6 +10,8 @@
 //! `FERRY_CRASH_ONLY=point=action@victim#hit/launch` (e.g. `copy::unit_synced=exit@0#1/threads-4`)
 //! runs that one cell.
 
+mod hostile;
+
 #[path = "../tests/it/util.rs"]
 mod util;
 

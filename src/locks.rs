@@ -154,7 +154,67 @@ const GUARD: &str = ".dest.lock";
 /// module's documentation for `FERRY_DEST_LOCK=off`).
 #[derive(Debug)]
 pub struct DestLock {
-    _files: Vec<File>,
+    /// `flock`s on directories.
+    flocks: Vec<File>,
+    /// Guard files held, with their paths, removed on release when nobody else holds them.
+    guards: Vec<(File, PathBuf)>,
+}
+
+impl Drop for DestLock {
+    /// Release the locks. A guard file nobody else holds any lock on is removed (and its
+    /// `.ferry` directory, if that is then empty), so a destination keeps no file of ferry's
+    /// once its transfers are done; one removed under a run that has just opened it is seen by
+    /// that run (see [`take_guard`]), which opens the new one.
+    fn drop(&mut self) {
+        while let Some((g, p)) = self.guards.pop() {
+            if let Ok(true) = try_lock(&g, &p, Kind::Exclusive, Range::ALL) {
+                if still_named(&g, &p) {
+                    let _ = std::fs::remove_file(&p);
+                    let _ = std::fs::remove_dir(fsio::parent_of(&p));
+                }
+            }
+        }
+    }
+}
+
+/// Whether `path` still names the open file `f` (not removed, not replaced).
+fn still_named(f: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (f.metadata(), std::fs::symlink_metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Open the guard file of directory `d` and lock `r` of it: `Ok(None)` if another run holds a
+/// conflicting lock. A guard removed by a run that released it between our open and our lock
+/// is not the guard any more: open the new one.
+fn take_guard(d: &Path, kind: Kind, r: Range) -> Result<Option<(File, PathBuf)>> {
+    let mut last = None;
+    for _ in 0..20 {
+        let (g, gp) = match open_guard(d) {
+            Ok(x) => x,
+            Err(e) if e.class == crate::ErrorClass::NotFound => {
+                last = Some(e);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if !guard_lock(&g, &gp, kind, r)? {
+            return Ok(None);
+        }
+        if still_named(&g, &gp) {
+            return Ok(Some((g, gp)));
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        Error::new(
+            crate::ErrorClass::Transient,
+            "the destination's lock file keeps being replaced; try again",
+        )
+        .with_op("lock")
+        .with_path(d)
+    }))
 }
 
 fn busy(d: &Path) -> Error {
@@ -278,9 +338,15 @@ impl DestLock {
                      refused"
                 );
             }
-            return Ok(DestLock { _files: Vec::new() });
+            return Ok(DestLock {
+                flocks: Vec::new(),
+                guards: Vec::new(),
+            });
         }
-        let mut out = Vec::new();
+        let mut lock = DestLock {
+            flocks: Vec::new(),
+            guards: Vec::new(),
+        };
         let mut mine: std::collections::BTreeSet<PathBuf> = Default::default();
         for d in dirs {
             if create {
@@ -288,12 +354,12 @@ impl DestLock {
             } else if !d.is_dir() {
                 continue;
             }
-            let (g, gp) = open_guard(d)?;
-            if !guard_lock(&g, &gp, Kind::Exclusive, Range::ALL)? {
+            let Some(g) = take_guard(d, Kind::Exclusive, Range::ALL)? else {
                 return Err(busy(d));
-            }
-            out.push(g);
-            out.extend(dir_flock(d, true)?);
+            };
+            lock.guards.push(g);
+            let f = dir_flock(d, true)?;
+            lock.flocks.extend(f);
             mine.insert(d.clone());
         }
         for f in files {
@@ -304,15 +370,14 @@ impl DestLock {
                 continue;
             }
             let name = f.file_name().map(|n| n.as_bytes()).unwrap_or_default();
-            let (g, gp) = open_guard(d)?;
             let byte = Range {
                 start: name_byte(name),
                 len: 1,
             };
-            if !guard_lock(&g, &gp, Kind::Exclusive, byte)? {
+            let Some(g) = take_guard(d, Kind::Exclusive, byte)? else {
                 return Err(busy(f));
-            }
-            out.push(g);
+            };
+            lock.guards.push(g);
         }
         // Every directory above the trees, and each single file's directory and those above.
         let mut above: std::collections::BTreeSet<PathBuf> = Default::default();
@@ -329,14 +394,17 @@ impl DestLock {
             if let Some((g, gp)) = existing_guard(&d) {
                 let zero = Range { start: 0, len: 1 };
                 match guard_lock(&g, &gp, Kind::Shared, zero) {
-                    Ok(true) => out.push(g),
+                    // A guard already removed again guards nothing.
+                    Ok(true) if still_named(&g, &gp) => lock.guards.push((g, gp)),
+                    Ok(true) => {}
                     Ok(false) => return Err(busy(&d)),
                     Err(e) => log::debug!("no shared lock on '{}': {e}", gp.display()),
                 }
             }
-            out.extend(dir_flock(&d, false)?);
+            let f = dir_flock(&d, false)?;
+            lock.flocks.extend(f);
         }
-        Ok(DestLock { _files: out })
+        Ok(lock)
     }
 }
 

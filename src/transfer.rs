@@ -392,7 +392,7 @@ fn resolve_inputs(
     if layout == Layout::Local || me == 0 {
         let dirs: Vec<PathBuf> = roots
             .iter()
-            .filter(|(s, _)| s.is_dir())
+            .filter(|(s, d)| s.is_dir() && !d.is_symlink())
             .map(|(_, d)| d.clone())
             .collect();
         DestLock::acquire(&dirs, false)?;
@@ -1010,26 +1010,10 @@ fn execute(
         drop(lock);
         return Ok(sum);
     }
-    let dest = {
-        let wp = if me == 0 { plan } else { &slice };
-        // Single files outside any planned tree (a file copy, AXL pairs): each is locked by
-        // its name in its directory.
-        let roots = wp.dest_roots(me, n);
-        let files: Vec<PathBuf> = wp
-            .held_entries()
-            .into_iter()
-            .map(|e| wp.entry(e))
-            .filter(|e| e.kind != Kind::Dir && !roots.iter().any(|r| e.dst.starts_with(r)))
-            .filter(|e| match (wp.layout, e.holder) {
-                (Layout::Local, Some(h)) => h == me,
-                _ => me == 0,
-            })
-            .map(|e| e.dst.clone())
-            .collect::<BTreeSet<PathBuf>>()
-            .into_iter()
-            .collect();
-        agree(comm, DestLock::acquire_with(&roots, &files, true))
-    };
+    let dest = agree(
+        comm,
+        dest_lock(if me == 0 { plan } else { &slice }, (me, n), true),
+    );
     // Past the decision a cancel is refused: the run only moves forward. A signal, or a peer
     // that stopped, still stops it (a resume finishes the commit).
     let stop_notice = td.file(names::STOP);
@@ -1619,8 +1603,53 @@ fn cancel_offline(td: &TransferDir, req: &state::Cancelled) -> Result<CancelOutc
     for r in 0..n {
         sweep_owned(&plan, (r, n), scan.last_attempt + 1)?;
     }
+    // A killed run's destination lock files: taken and released, they go if nobody holds them.
+    for r in 0..n {
+        let _ = dest_lock(&plan, (r, n), false);
+    }
     state::write_record(&td.file(names::CANCELLED), "cancelled", req)?;
     Ok(CancelOutcome::Cancelled)
+}
+
+/// The destination locks of rank `me` of `n` for plan (or slice) `wp`: its trees and the single
+/// files outside them (a file copy, AXL pairs), each file by its name in its directory. The
+/// anchor, the destination the user named, may be a link to a directory: its target is locked;
+/// a link anywhere below it is refused.
+fn dest_lock(wp: &Plan, (me, n): (usize, usize), create: bool) -> Result<DestLock> {
+    let anchor = |p: &Path| {
+        if p.is_symlink() {
+            std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+        } else {
+            p.to_path_buf()
+        }
+    };
+    let roots = wp.dest_roots(me, n);
+    let mine = wp
+        .held_entries()
+        .into_iter()
+        .map(|e| wp.entry(e))
+        .filter(|e| match (wp.layout, e.holder) {
+            (Layout::Local, Some(h)) => h == me,
+            _ => me == 0,
+        });
+    let mut files = BTreeSet::new();
+    let mut dirs = Vec::new();
+    for e in mine {
+        if e.kind == Kind::Dir {
+            if roots.contains(&e.dst) {
+                dirs.push(if e.dst_depth() == 0 {
+                    anchor(&e.dst)
+                } else {
+                    e.dst.clone()
+                });
+            }
+        } else if !roots.iter().any(|r| e.dst.starts_with(r)) {
+            let name = e.dst.file_name().unwrap_or_default();
+            files.insert(anchor(fsio::parent_of(&e.dst)).join(name));
+        }
+    }
+    let files: Vec<PathBuf> = files.into_iter().collect();
+    DestLock::acquire_with(&dirs, &files, create)
 }
 
 /// A `permission` error if a directory of the destination tree below its anchor (DST, or with
