@@ -62,12 +62,13 @@ test: deps lint
 # Every failpoint x hit (first, middle, last) x victim rank x action (exit, EIO, ENOSPC, EACCES,
 # panic), on 1 and 4 in-process ranks and a subset under mpirun -n 4; one JSON line per cell in
 # target/crash-matrix.jsonl, and the line `cells: N, survived: S, safe-fail: F, violations: V`;
-# then the hostile-world cells (foreign files, stale finals, swapped sources and state, failed
-# syncs, a second transfer).
+# beside it the hostile matrix (crash-matrix/hostile.rs: foreign files, stale finals, sources
+# changed, two transfers in one directory, failed syncs on every rank, swapped state, verify
+# failures; target/hostile-matrix.jsonl and `hostile cells: N, ...`); then the hostile tests.
 crash-matrix: deps
 	mkdir -p $(FERRY_TEST_TMP)
 	FERRY_CRASH_TIER=full $(CARGO) test --features failpoints,hdf5 --test crash_matrix -- --nocapture
-	# The hostile-world cells beside it (docs/failure-analysis.md), also part of `make test`.
+	# The hostile-world tests (docs/failure-analysis.md), also part of `make test`.
 	$(CARGO) test --features failpoints,hdf5 --test it -- hostile security::a_hard_link hdf5::a_failed
 	rm -rf $(FERRY_TEST_TMP)
 

@@ -127,30 +127,25 @@ pub fn finalize_entries(plan: &Plan, me: usize, n: usize, idents: &Idents) -> Re
         dirs.insert(dir.clone(), dir_depth);
         let id = ident(idents, e, ent)?;
         let tmp = crate::engine::temp_path(plan, e, id.gen);
-        match tree.key(&tmp, depth)? {
-            Some(k) if k.regular && id.is(k.key) => {
-                let small = ent.size < crate::engine::SMALL_UNIT;
-                let source = source_of(&src, plan, ent, &mut warnings);
-                let meta = meta_of(plan, ent, source.as_ref());
-                let expect = (id.dev, id.ino);
-                warnings +=
-                    warn_all(tree.finish_file(&tmp, &ent.dst, depth, expect, &meta, !small)?);
-                if small {
-                    file_systems.entry(k.dev).or_insert((dir, dir_depth));
-                    batch.push((e, tmp));
-                    continue;
-                }
-                failpoints::io("commit::file_finished", &tmp)?;
-                tree.rename(&tmp, &ent.dst, depth)?;
-                failpoints::io("commit::renamed", &ent.dst)?;
-            }
-            Some(_) => {
-                let st = tree.stat(&tmp, depth)?;
-                return Err(fsio::foreign_temp(&tmp, st.as_ref()));
-            }
+        let small = ent.size < crate::engine::SMALL_UNIT;
+        // One open and one statx: the very file journaled, or a foreign one refused.
+        let Some((f, k)) = tree.open_finished(&tmp, depth, (id.dev, id.ino))? else {
             // Renamed by an earlier run after the decision; check_finals looks at it.
-            None => {}
+            continue;
+        };
+        let source = source_of(&src, plan, ent, &mut warnings);
+        let meta = meta_of(plan, ent, source.as_ref());
+        let w = fsio::Tree::finish(&f, &tmp, &ent.dst, &meta, !small)?;
+        drop(f);
+        warnings += warn_all(w);
+        if small {
+            file_systems.entry(k.dev).or_insert((dir, dir_depth));
+            batch.push((e, tmp));
+            continue;
         }
+        failpoints::io("commit::file_finished", &tmp)?;
+        tree.rename(&tmp, &ent.dst, depth)?;
+        failpoints::io("commit::renamed", &ent.dst)?;
     }
     for (dir, depth) in file_systems.values() {
         tree.sync_fs(dir, *depth)?;

@@ -110,18 +110,18 @@ impl Temps {
 
     /// Open entry `e`'s temporary file for writing a unit whose source is `src` (its `fstat`):
     /// the known one, checked by inode, or a new one made with `O_EXCL` under this attempt's
-    /// name. Returns the file, its name and, if this call made it, its identity.
+    /// name. Returns the file, its name, if this call made it its identity, and its device.
     fn open(
         &self,
         plan: &Plan,
         tree: &fsio::Tree,
         e: usize,
-        src: &rustix::fs::Stat,
+        src: &std::fs::Metadata,
         several_units: bool,
-    ) -> Result<(File, PathBuf, Option<TempId>)> {
+    ) -> Result<(File, PathBuf, Option<TempId>, u64)> {
         let ent = plan.entry(e);
         let _making = several_units.then(|| self.making.lock().unwrap_or_else(|p| p.into_inner()));
-        let src_id = crate::journal::src_hash_of(src);
+        let src_id = crate::journal::src_hash_of_meta(src);
         if let Some(id) = self.get(e as u32) {
             let tmp = temp_path(plan, e, id.gen);
             if id.src != src_id {
@@ -133,8 +133,8 @@ impl Temps {
                 )
                 .with_op("copy"));
             }
-            let f = tree.open_temp(&tmp, ent.dst_depth(), id.key())?;
-            return Ok((f, tmp, None));
+            let (f, k) = tree.open_temp(&tmp, ent.dst_depth(), id.key())?;
+            return Ok((f, tmp, None, k.dev));
         }
         let tmp = temp_path(plan, e, self.attempt);
         let f = tree.create_temp(&tmp, ent.dst_depth())?;
@@ -150,7 +150,7 @@ impl Temps {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push((e as u32, id));
-        Ok((f, tmp, Some(id)))
+        Ok((f, tmp, Some(id), k.dev))
     }
 
     /// Make entry `e`'s temporary file before the copy (rank 0, for a file several ranks copy),
@@ -165,10 +165,8 @@ impl Temps {
     ) -> Result<TempId> {
         let ent = plan.entry(e);
         let src = src_tree.open_read(&ent.src, ent.depth)?;
-        let st = rustix::fs::fstat(&src)
-            .map_err(std::io::Error::from)
-            .ctx("stat", &ent.src)?;
-        let (_, _, made) = self.open(plan, tree, e, &st, true)?;
+        let md = src.metadata().ctx("stat", &ent.src)?;
+        let (_, _, made, _) = self.open(plan, tree, e, &md, true)?;
         let id = made.ok_or_else(|| Error::internal("a temporary file made twice"))?;
         let dir = fsio::parent_of(&ent.dst);
         journal.record_created(e as u32, id, (dir, ent.dst_depth().saturating_sub(1)))?;
@@ -423,13 +421,10 @@ fn copy_unit(job: &CopyJob, u: u32) -> Result<Copied> {
     if !same_as_planned(&md, e) {
         return Err(changed(e, &md));
     }
-    let st = rustix::fs::fstat(&src)
-        .map_err(std::io::Error::from)
-        .ctx("stat", &e.src)?;
     let several = plan.units_of(unit.entry as usize).len() > 1;
-    let (dst, tmp, made) = job
-        .temps
-        .open(plan, job.tree, unit.entry as usize, &st, several)?;
+    let (dst, tmp, made, dev) =
+        job.temps
+            .open(plan, job.tree, unit.entry as usize, &md, several)?;
     let crc = BUF.with(|b| {
         let mut buf = b.borrow_mut();
         // Grown to the largest unit seen, at most BUF_SIZE: small files keep small buffers.
@@ -470,7 +465,6 @@ fn copy_unit(job: &CopyJob, u: u32) -> Result<Copied> {
     };
     let made = made.map(|id| (unit.entry, id));
     if small {
-        let dev = dst.metadata().ctx("stat", &tmp)?.dev();
         return Ok(Copied::Unsynced(rec, made, dev, tmp, e.dst_depth()));
     }
     Ok(Copied::Synced(

@@ -149,6 +149,17 @@ pub fn src_hash_of(st: &rustix::fs::Stat) -> u32 {
     )
 }
 
+/// [`src_hash_of`] from a source's metadata as std reads it.
+pub fn src_hash_of_meta(md: &std::fs::Metadata) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    src_hash(
+        md.ino(),
+        md.size(),
+        (md.mtime(), md.mtime_nsec() as u32),
+        (md.ctime(), md.ctime_nsec() as u32),
+    )
+}
+
 /// Each entry's temporary file, by entry index.
 pub type Idents = HashMap<u32, TempId>;
 
@@ -505,6 +516,21 @@ fn check_header(bytes: &[u8], path: &Path, plan_crc: u32) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The identity of a source's version is the same whether read with `fstat` (the resume's
+    /// check) or through std's metadata (the copy's): else every resume would void everything.
+    #[test]
+    fn a_source_version_hashes_alike_from_fstat_and_from_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, b"some bytes").unwrap();
+        let f = std::fs::File::open(&p).unwrap();
+        let st = rustix::fs::fstat(&f).unwrap();
+        let md = f.metadata().unwrap();
+        assert_eq!(src_hash_of(&st), src_hash_of_meta(&md));
+        std::fs::write(&p, b"other bytes, longer").unwrap();
+        assert_ne!(src_hash_of(&st), src_hash_of_meta(&f.metadata().unwrap()));
+    }
 
     #[test]
     fn records_round_trip_and_detect_flips() {

@@ -241,17 +241,23 @@ impl Tree {
     /// Open the existing temporary file (or, once renamed, final name) `tmp` as the very file
     /// `expect` names (hashed device, inode), for reading and writing. Anything else at that name
     /// is left untouched and refused (see [`foreign_temp`]); a missing name is `not-found`.
-    pub fn open_temp(&self, tmp: &Path, depth: u16, expect: (u32, u64)) -> Result<File> {
+    pub fn open_temp(&self, tmp: &Path, depth: u16, expect: (u32, u64)) -> Result<(File, FileKey)> {
         self.open_ident(tmp, depth, expect, OFlags::RDWR)
     }
 
     /// [`Tree::open_temp`] for reading only (`--verify`, HDF5 checks: a final name may be
     /// read-only).
     pub fn open_temp_read(&self, tmp: &Path, depth: u16, expect: (u32, u64)) -> Result<File> {
-        self.open_ident(tmp, depth, expect, OFlags::RDONLY)
+        Ok(self.open_ident(tmp, depth, expect, OFlags::RDONLY)?.0)
     }
 
-    fn open_ident(&self, tmp: &Path, depth: u16, expect: (u32, u64), mode: OFlags) -> Result<File> {
+    fn open_ident(
+        &self,
+        tmp: &Path,
+        depth: u16,
+        expect: (u32, u64),
+        mode: OFlags,
+    ) -> Result<(File, FileKey)> {
         let fl = mode | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
         let f = self.at(tmp, depth, "open", |d, n| {
             Ok(File::from(rustix::fs::openat(d, n, fl, Mode::empty())?))
@@ -272,7 +278,7 @@ impl Tree {
         };
         let k = key_of(f.as_fd(), tmp)?;
         if k.regular && k.key == expect {
-            return Ok(f);
+            return Ok((f, k));
         }
         let st = rustix::fs::fstat(&f).ok();
         Err(foreign_temp(tmp, st.as_ref()))
@@ -397,24 +403,37 @@ impl Tree {
         Ok(())
     }
 
-    /// Give the finished temporary file `tmp` what `meta` says — with `--preserve` its owner and
-    /// extended attributes first, then its mode and time — and with `sync` make it durable;
-    /// without, the caller makes a batch durable with `sync_fs` before the renames. Returns one
-    /// warning, naming `final_name`, for each thing `--preserve` could not keep.
-    #[allow(clippy::too_many_arguments)]
-    pub fn finish_file(
+    /// Open the finished temporary file `tmp` to give it its final metadata ([`Tree::finish`]):
+    /// the file and its key if it is the very file `expect` names; `None` if there is nothing
+    /// at `tmp` (renamed by an earlier run); anything else is refused (see [`foreign_temp`]).
+    pub fn open_finished(
         &self,
         tmp: &Path,
-        final_name: &Path,
         depth: u16,
         expect: (u32, u64),
+    ) -> Result<Option<(File, FileKey)>> {
+        match self.open_ident(tmp, depth, expect, OFlags::WRONLY) {
+            Ok(x) => Ok(Some(x)),
+            Err(e) if e.class == ErrorClass::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Give the finished temporary file `f` (named `tmp`, opened by [`Tree::open_finished`])
+    /// what `meta` says — with `--preserve` its owner and extended attributes first, then its
+    /// mode and time — and with `sync` make it durable; without, the caller makes a batch
+    /// durable with `sync_fs` before the renames. Returns one warning, naming `final_name`, for
+    /// each thing `--preserve` could not keep.
+    pub fn finish(
+        f: &File,
+        tmp: &Path,
+        final_name: &Path,
         meta: &Meta,
         sync: bool,
     ) -> Result<Vec<Error>> {
-        let f = self.open_ident(tmp, depth, expect, OFlags::WRONLY)?;
         let warnings = set_meta(f.as_fd(), tmp, final_name, meta)?;
         if sync {
-            sync_all(&f, tmp)?;
+            sync_all(f, tmp)?;
         }
         Ok(warnings)
     }
