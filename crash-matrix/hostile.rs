@@ -19,8 +19,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Output, Stdio};
 use std::time::Instant;
 
-use super::{ferry_env, make_sources, Launch};
+use super::{ferry_env, hit_counts, make_sources, Launch};
 use crate::util::*;
+use std::collections::BTreeMap;
 
 /// What a cell's steps found.
 struct Ctx<'a> {
@@ -32,6 +33,12 @@ struct Ctx<'a> {
     committed: bool,
     /// For a failpoint cell, whether the failpoint fired.
     fired: Option<bool>,
+    /// The mtime the copied tree's root must have (its source's when planned).
+    root_mtime: Option<(i64, i64)>,
+}
+
+fn mtime_of(p: &Path) -> Option<(i64, i64)> {
+    fs::metadata(p).map(|m| (m.mtime(), m.mtime_nsec())).ok()
 }
 
 const ID: &str = "h";
@@ -45,6 +52,7 @@ impl<'a> Ctx<'a> {
             clean_errors: 0,
             committed: false,
             fired: None,
+            root_mtime: None,
         }
     }
 
@@ -171,8 +179,28 @@ impl<'a> Ctx<'a> {
                         .push(format!("committed, but temporary left: {}", t.display()));
                 }
             }
+            self.no_guard_left(dst);
+            // The tree's root keeps its source's mtime as planned (diff_trees leaves the root
+            // out): nothing ferry does after the commit (a lock file's removal) changes it.
+            if self.root_mtime.is_some() && self.root_mtime != mtime_of(dst) {
+                self.problems.push(format!(
+                    "committed, but the root's mtime is {:?}, not {:?}",
+                    mtime_of(dst),
+                    self.root_mtime
+                ));
+            }
         } else {
             self.problems.extend(torn_finals(want, dst));
+        }
+    }
+
+    /// Once every run has ended, no destination lock file of ferry's is left under `dst`.
+    fn no_guard_left(&mut self, dst: &Path) {
+        for f in files_under(dst) {
+            if f.ends_with(".ferry/.dest.lock") {
+                self.problems
+                    .push(format!("lock file left: {}", f.display()));
+            }
         }
     }
 
@@ -181,6 +209,11 @@ impl<'a> Ctx<'a> {
             ("violation", self.problems.join("; "))
         } else if must_survive && !self.committed {
             ("violation", "did not recover: no commit".into())
+        } else if self.fired == Some(false) {
+            (
+                "violation",
+                "the failpoint never fired: the cell tested nothing".into(),
+            )
         } else if self.clean_errors > 0 {
             ("safe-fail", String::new())
         } else if self.committed {
@@ -250,6 +283,7 @@ fn plant(s: &Scratch, kind: &str, at: &Path) {
 
 fn setup(s: &Scratch, reference: &Path) {
     cp_a(reference, &s.path("src"));
+    assert_eq!(mtime_of(reference), mtime_of(&s.path("src")));
     fs::create_dir_all(s.path("outside")).unwrap();
     fs::write(s.path("outside/canary"), b"canary").unwrap();
 }
@@ -259,6 +293,7 @@ fn setup(s: &Scratch, reference: &Path) {
 fn foreign(c: &mut Ctx, reference: &Path, kind: &str, between: bool) {
     let s = c.s;
     setup(s, reference);
+    c.root_mtime = mtime_of(reference);
     let dst = s.path("dst");
     let mut planted = Vec::new();
     if between {
@@ -326,6 +361,7 @@ fn stale_at(p: &Path, seed: u64) {
 fn stale(c: &mut Ctx, reference: &Path, when: &str) {
     let s = c.s;
     setup(s, reference);
+    c.root_mtime = mtime_of(reference);
     let dst = s.path("dst");
     let state = dst.join(".ferry");
     let flags = ["--delete-source"];
@@ -411,6 +447,7 @@ fn change(p: &Path, how: &str) {
 fn source(c: &mut Ctx, reference: &Path, how: &str, when: &str) {
     let s = c.s;
     setup(s, reference);
+    c.root_mtime = mtime_of(reference);
     let dst = s.path("dst");
     let state = dst.join(".ferry");
     let big = s.path("src/big");
@@ -526,6 +563,133 @@ fn two(c: &mut Ctx, case: &str) {
     if !temps_in(&dst).is_empty() {
         c.problems.push("temporaries left".into());
     }
+    c.no_guard_left(&dst);
+}
+
+/// The destination locks themselves: nested trees, a linked destination, many runs ending
+/// together in one directory, the local layout's ranks writing into one directory, another
+/// user's `.ferry` in a shared directory.
+fn locks(c: &mut Ctx, reference: &Path, case: &str) {
+    let s = c.s;
+    setup(s, reference);
+    c.root_mtime = mtime_of(reference);
+    let mut r = Rng::new(8);
+    write_file(&s.path("one/f"), 5000, &mut r);
+    let refused = |c: &mut Ctx, args: &[&str], what: &str| {
+        let o = s.run(args);
+        if o.status.code() != Some(2) || !stderr(&o).contains("another ferry transfer") {
+            c.problems
+                .push(format!("{what} was not refused: {}", stderr(&o).trim()));
+        } else {
+            c.clean_errors += 1;
+        }
+    };
+    match case {
+        "nested-and-enclosing-while-a-tree-runs" => {
+            fs::create_dir_all(s.path("top")).unwrap();
+            let a = c.copy_paused(ID, &["src"], "top/t", "copy::unit_start=pause@0");
+            refused(c, &["copy", "src", "top/t/d0/in"], "a tree inside it");
+            refused(c, &["copy", "src", "top"], "a tree around it");
+            refused(c, &["copy", "one/f", "top/t/"], "a file into its root");
+            refused(
+                c,
+                &["copy", "one/f", "top/t/d0/"],
+                "a file into a directory of it",
+            );
+            let o = s.run(&["copy", "one/f", "top/"]);
+            c.step("a file beside it", &o);
+            c.release("held copy", a);
+            c.check(ID, &s.path("src"), &s.path("top/t"), &[]);
+            c.no_guard_left(&s.path("top"));
+        }
+        "a-linked-destination" => {
+            fs::create_dir_all(s.path("real")).unwrap();
+            symlink(s.path("real"), s.path("link")).unwrap();
+            let a = c.copy_paused(ID, &["src"], "link", "copy::unit_start=pause@0");
+            refused(
+                c,
+                &["copy", "src", "real"],
+                "the same tree by its real path",
+            );
+            refused(
+                c,
+                &["copy", "one/f", "real/d0/"],
+                "a file into it by its real path",
+            );
+            c.release("held copy", a);
+            c.check(ID, &s.path("src"), &s.path("real"), &[]);
+        }
+        "many-runs-of-other-names-at-once-in-one-directory" => {
+            fs::create_dir_all(s.path("ckpt")).unwrap();
+            let mut kids = Vec::new();
+            for k in 0..8 {
+                write_file(&s.path(&format!("cache/rank_{k}.ckpt")), 40_000, &mut r);
+                let src = format!("cache/rank_{k}.ckpt");
+                kids.push(
+                    s.ferry()
+                        .args(["copy", "--state-dir", "st", &src, "ckpt/"])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::piped())
+                        .spawn_tracked(),
+                );
+            }
+            for k in kids {
+                let o = k.wait_with_output().unwrap();
+                if c.step("one of eight copies", &o) != 0 {
+                    c.problems.push(format!("refused: {}", stderr(&o).trim()));
+                }
+            }
+            for k in 0..8 {
+                let f = format!("rank_{k}.ckpt");
+                if fs::read(s.path("ckpt").join(&f)).ok() != fs::read(s.path("cache").join(&f)).ok()
+                {
+                    c.problems.push(format!("ckpt/{f} is wrong"));
+                }
+            }
+            c.no_guard_left(&s.path("ckpt"));
+            c.committed = c.problems.is_empty();
+        }
+        "the-local-layout's-ranks-into-one-directory" => {
+            for k in 0..4 {
+                write_file(&s.path(&format!("node{k}/part{k}")), 30_000, &mut r);
+            }
+            let o = ferry_env(
+                s,
+                Launch::Threads(4),
+                &["copy", "--id", ID, "node{rank}/part{rank}", "out/"],
+                None,
+                &[],
+            );
+            c.step("local copy", &o);
+            for k in 0..4 {
+                let f = format!("part{k}");
+                if fs::read(s.path("out").join(&f)).ok()
+                    != fs::read(s.path(&format!("node{k}/{f}"))).ok()
+                {
+                    c.problems.push(format!("out/{f} is wrong"));
+                }
+            }
+            c.no_guard_left(&s.path("out"));
+            c.committed = s.path("out/.ferry").join(ID).join("commit").exists();
+        }
+        "another-user's-.ferry-in-a-shared-directory" => {
+            let shared = s.path("shared");
+            fs::create_dir_all(shared.join(".ferry")).unwrap();
+            fs::set_permissions(shared.join(".ferry"), fs::Permissions::from_mode(0o700)).unwrap();
+            std::os::unix::fs::chown(shared.join(".ferry"), Some(65534), Some(65534)).unwrap();
+            let before = print(&shared.join(".ferry"));
+            let o = s.run(&["copy", "--state-dir", "st", "one/f", "shared/"]);
+            c.step("copy into a shared directory", &o);
+            if fs::read(shared.join("f")).ok() != fs::read(s.path("one/f")).ok() {
+                c.problems.push("shared/f is wrong".into());
+            }
+            if print(&shared.join(".ferry")) != before {
+                c.problems.push("the other user's .ferry changed".into());
+            }
+            c.committed = o.status.success();
+        }
+        _ => unreachable!(),
+    }
 }
 
 /// A failed sync (EIO) on `victim` at the `hit`th call of `point`: the run stops (`integrity`,
@@ -533,6 +697,7 @@ fn two(c: &mut Ctx, case: &str) {
 fn sync_eio(c: &mut Ctx, reference: &Path, point: &str, hit: u64, victim: usize) {
     let s = c.s;
     setup(s, reference);
+    c.root_mtime = mtime_of(reference);
     let dst = s.path("dst");
     let fp = format!("{point}=error(EIO)@{victim}#{hit}");
     let o = c.copy(ID, &["--delete-source"], &["src"], "dst", Some(&fp));
@@ -555,6 +720,7 @@ fn sync_eio(c: &mut Ctx, reference: &Path, point: &str, hit: u64, victim: usize)
 fn state_swap(c: &mut Ctx, reference: &Path, case: &str) {
     let s = c.s;
     setup(s, reference);
+    c.root_mtime = mtime_of(reference);
     // Another transfer, committed, whose state is the forgery.
     let mut r = Rng::new(11);
     write_file(&s.path("osrc/x"), 50_000, &mut r);
@@ -635,6 +801,7 @@ fn state_swap(c: &mut Ctx, reference: &Path, case: &str) {
 fn verify_fails(c: &mut Ctx, reference: &Path, after_decision: bool) {
     let s = c.s;
     setup(s, reference);
+    c.root_mtime = mtime_of(reference);
     let dst = s.path("dst");
     let state = dst.join(".ferry");
     let fp = if after_decision {
@@ -657,9 +824,24 @@ fn verify_fails(c: &mut Ctx, reference: &Path, after_decision: bool) {
     b[mid] ^= 0x55;
     let f = fs::OpenOptions::new().write(true).open(t).unwrap();
     std::os::unix::fs::FileExt::write_at(&f, &b[mid..mid + 1], mid as u64).unwrap();
-    if c.resume(ID, &state, &["--verify"]) != 8 {
-        c.problems
-            .push("a --verify resume over a damaged temporary did not fail".into());
+    let st = state.to_str().unwrap().to_string();
+    let o = ferry_env(
+        s,
+        c.launch(),
+        &["resume", ID, "--state-dir", &st, "--verify"],
+        None,
+        &[],
+    );
+    if c.step("resume --verify", &o) != 8 {
+        c.problems.push(format!(
+            "a --verify resume over damaged {} did not fail with integrity: exit {:?}: {}",
+            t.display(),
+            o.status.code(),
+            stderr(&o)
+                .lines()
+                .rfind(|l| !l.starts_with("failpoint "))
+                .unwrap_or_default()
+        ));
     }
     if !s.path("src").exists() {
         c.problems
@@ -679,7 +861,9 @@ struct HCell {
     run: CellFn,
 }
 
-fn cells() -> Vec<HCell> {
+/// Every cell; `counts` are how often each failpoint is passed on each rank of an undisturbed
+/// copy on 1 and 4 ranks.
+fn cells(counts: &BTreeMap<(usize, String, usize), u64>) -> Vec<HCell> {
     let mut v: Vec<HCell> = Vec::new();
     let mut add = |name: String, ranks: usize, must: bool, run: CellFn| {
         v.push(HCell {
@@ -750,17 +934,24 @@ fn cells() -> Vec<HCell> {
             Box::new(move |c, _| two(c, case)),
         );
     }
+    // Each sync on each rank that makes that call in a copy: its first and its middle call
+    // (the counts of an undisturbed copy); a rank that never makes it cannot fail there.
     for point in [
         "fsio::sync_data",
         "fsio::sync_all",
         "fsio::syncfs",
         "fsio::fsync_dir",
     ] {
-        for hit in [1, 3] {
-            for (ranks, victims) in [(1, 0..1), (4, 0..4)] {
-                for victim in victims {
+        for ranks in [1, 4] {
+            for victim in 0..ranks {
+                let Some(&calls) = counts.get(&(ranks, point.to_string(), victim)) else {
+                    continue;
+                };
+                let mut hits = vec![1, calls.div_ceil(2)];
+                hits.dedup();
+                for hit in hits {
                     add(
-                        format!("{point} EIO, call {hit}, rank {victim}"),
+                        format!("{point} EIO, call {hit} of {calls}, rank {victim}"),
                         ranks,
                         true,
                         Box::new(move |c, r| sync_eio(c, r, point, hit, victim)),
@@ -780,6 +971,20 @@ fn cells() -> Vec<HCell> {
             1,
             true,
             Box::new(move |c, r| state_swap(c, r, case)),
+        );
+    }
+    for case in [
+        "nested-and-enclosing-while-a-tree-runs",
+        "a-linked-destination",
+        "many-runs-of-other-names-at-once-in-one-directory",
+        "the-local-layout's-ranks-into-one-directory",
+        "another-user's-.ferry-in-a-shared-directory",
+    ] {
+        add(
+            format!("locks {case}"),
+            1,
+            true,
+            Box::new(move |c, r| locks(c, r, case)),
         );
     }
     for after in [false, true] {
@@ -811,8 +1016,28 @@ fn hostile_matrix() {
     let base = Scratch::new();
     let reference = base.path("reference");
     make_sources(&reference);
+    let mut counts = BTreeMap::new();
+    for ranks in [1, 4] {
+        let s = Scratch::new();
+        setup(&s, &reference);
+        let args = [
+            "copy",
+            "--chunk-size",
+            "16K",
+            "--threads",
+            "1",
+            "--delete-source",
+            "src",
+            "dst",
+        ];
+        let o = ferry_env(&s, Launch::Threads(ranks), &args, None, &[]);
+        assert!(o.status.success(), "probe: {}", stderr(&o));
+        for ((point, rank), n) in hit_counts(&o) {
+            counts.insert((ranks, point, rank), n);
+        }
+    }
     let (mut cells_run, mut survived, mut safe_fail, mut violations) = (0, 0, 0, 0);
-    for cell in cells() {
+    for cell in cells(&counts) {
         if only.as_deref().is_some_and(|o| !cell.name.contains(o)) {
             continue;
         }

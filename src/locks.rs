@@ -14,7 +14,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -58,8 +58,11 @@ fn flock(kind: Kind, r: Range) -> libc::flock {
     fl
 }
 
-fn setlk(f: &File, cmd: libc::c_int, kind: Kind, r: Range) -> io::Result<()> {
+fn setlk(f: &File, cmd: libc::c_int, kind: Kind, r: Range, unlock: bool) -> io::Result<()> {
     let mut fl = flock(kind, r);
+    if unlock {
+        fl.l_type = libc::F_UNLCK as libc::c_short;
+    }
     loop {
         // SAFETY: `fl` is a valid `struct flock` that outlives the call; `l_pid` is 0 as OFD
         // locks require.
@@ -77,7 +80,7 @@ fn setlk(f: &File, cmd: libc::c_int, kind: Kind, r: Range) -> io::Result<()> {
 /// `Ok(true)` taken, `Ok(false)` held by another. A file system that refuses the lock is an
 /// error (class by errno: ENOLCK and EOPNOTSUPP are `usage`).
 pub fn try_lock(f: &File, path: &Path, kind: Kind, r: Range) -> Result<bool> {
-    match setlk(f, libc::F_OFD_SETLK, kind, r) {
+    match setlk(f, libc::F_OFD_SETLK, kind, r, false) {
         Ok(()) => Ok(true),
         Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) => Ok(false),
         Err(e) => Err(refused(path, e)),
@@ -86,7 +89,7 @@ pub fn try_lock(f: &File, path: &Path, kind: Kind, r: Range) -> Result<bool> {
 
 /// Take a lock on `r` of `f`, waiting while another open file holds a conflicting one.
 pub fn lock_wait(f: &File, path: &Path, kind: Kind, r: Range) -> Result<()> {
-    setlk(f, libc::F_OFD_SETLKW, kind, r).map_err(|e| refused(path, e))
+    setlk(f, libc::F_OFD_SETLKW, kind, r, false).map_err(|e| refused(path, e))
 }
 
 fn refused(path: &Path, e: io::Error) -> Error {
@@ -94,7 +97,11 @@ fn refused(path: &Path, e: io::Error) -> Error {
     let mut err = Error::io("lock", path, e);
     if matches!(
         errno,
-        Some(libc::ENOLCK) | Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EBADF)
+        Some(libc::ENOLCK)
+            | Some(libc::EOPNOTSUPP)
+            | Some(libc::ENOSYS)
+            | Some(libc::EBADF)
+            | Some(libc::EINVAL)
     ) {
         err.class = crate::ErrorClass::Usage;
         err.message = format!(
@@ -151,77 +158,157 @@ const GUARD: &str = ".dest.lock";
 ///   refuses a tree transfer around a running one whose guard file it would not see.
 ///
 /// A conflict is a `usage` error; a file system that refuses the locks is one too (see the
-/// module's documentation for `FERRY_DEST_LOCK=off`).
+/// module's documentation for `FERRY_DEST_LOCK=off`). Paths are taken as given: the caller
+/// resolves links above them (see `transfer::dest_lock`).
+///
+/// On release, the last holder of a guard file removes it (through its directory's descriptor);
+/// the then empty `.ferry` directory stays, so the directory holding it keeps the mtime the
+/// commit gave it.
 #[derive(Debug)]
 pub struct DestLock {
     /// `flock`s on directories.
     flocks: Vec<File>,
-    /// Guard files held, with their paths, removed on release when nobody else holds them.
-    guards: Vec<(File, PathBuf)>,
+    /// Guard files held.
+    guards: Vec<Guard>,
+}
+
+/// One guard file held: its `.ferry` directory, the file, its path (for messages), and whether
+/// it is open for writing (only then can this run remove it).
+#[derive(Debug)]
+struct Guard {
+    dir: OwnedFd,
+    file: File,
+    path: PathBuf,
+    writable: bool,
+}
+
+impl Guard {
+    /// Whether the guard's name still names this very file (not removed, not replaced).
+    fn named(&self) -> bool {
+        named(&self.dir, &self.file)
+    }
+}
+
+fn named(dir: &OwnedFd, f: &File) -> bool {
+    use rustix::fs::AtFlags;
+    match (
+        rustix::fs::fstat(f),
+        rustix::fs::statat(dir, GUARD, AtFlags::SYMLINK_NOFOLLOW),
+    ) {
+        (Ok(a), Ok(b)) => a.st_dev == b.st_dev && a.st_ino == b.st_ino,
+        _ => false,
+    }
+}
+
+/// How often, 2 ms apart, a conflict is looked at again: a run that releases a guard holds all
+/// of it for the few calls that remove it, and a run ending beside others waits for them.
+const RETRIES: u32 = 50;
+
+fn pause() {
+    std::thread::sleep(std::time::Duration::from_millis(2));
 }
 
 impl Drop for DestLock {
-    /// Release the locks. A guard file nobody else holds any lock on is removed (and its
-    /// `.ferry` directory, if that is then empty), so a destination keeps no file of ferry's
-    /// once its transfers are done; one removed under a run that has just opened it is seen by
-    /// that run (see [`take_guard`]), which opens the new one.
+    /// Release the locks; the last holder of a guard file removes it. A run that opened it
+    /// meanwhile sees that its name is gone once it has its lock, and opens the new one.
     fn drop(&mut self) {
-        while let Some((g, p)) = self.guards.pop() {
-            if let Ok(true) = try_lock(&g, &p, Kind::Exclusive, Range::ALL) {
-                if still_named(&g, &p) {
-                    let _ = std::fs::remove_file(&p);
-                    let _ = std::fs::remove_dir(fsio::parent_of(&p));
+        self.flocks.clear();
+        // Let go of this run's own ranges first, so runs ending together do not each see the
+        // others and all leave the file.
+        for g in &self.guards {
+            let _ = setlk(
+                &g.file,
+                libc::F_OFD_SETLK,
+                Kind::Exclusive,
+                Range::ALL,
+                true,
+            );
+        }
+        for g in self.guards.drain(..) {
+            if !g.writable {
+                continue;
+            }
+            for _ in 0..RETRIES / 5 {
+                match try_lock(&g.file, &g.path, Kind::Exclusive, Range::ALL) {
+                    Ok(true) => {
+                        if g.named() {
+                            let _ =
+                                rustix::fs::unlinkat(&g.dir, GUARD, rustix::fs::AtFlags::empty());
+                        }
+                        break;
+                    }
+                    // Still held by another run (it removes the file when it ends), or gone.
+                    Ok(false) if g.named() => pause(),
+                    _ => break,
                 }
             }
         }
     }
 }
 
-/// Whether `path` still names the open file `f` (not removed, not replaced).
-fn still_named(f: &File, path: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (f.metadata(), std::fs::symlink_metadata(path)) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
-    }
+/// What locking a guard came to.
+enum Got {
+    Held,
+    /// Another run holds a conflicting lock.
+    Busy,
+    /// The file was removed (by a run that released it) before we had our lock.
+    Gone,
 }
 
-/// Open the guard file of directory `d` and lock `r` of it: `Ok(None)` if another run holds a
-/// conflicting lock. A guard removed by a run that released it between our open and our lock
-/// is not the guard any more: open the new one.
-fn take_guard(d: &Path, kind: Kind, r: Range) -> Result<Option<(File, PathBuf)>> {
-    let mut last = None;
-    for _ in 0..20 {
-        let (g, gp) = match open_guard(d) {
-            Ok(x) => x,
-            Err(e) if e.class == crate::ErrorClass::NotFound => {
-                last = Some(e);
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        if !guard_lock(&g, &gp, kind, r)? {
-            return Ok(None);
+/// Lock `r` of guard `g`, looking again for a while if it is held: a run that releases a guard
+/// holds all of it for the few calls that remove it.
+fn lock_guard(g: &Guard, kind: Kind, r: Range) -> Result<Got> {
+    for i in 0..=RETRIES {
+        if guard_lock(&g.file, &g.path, kind, r)? {
+            return Ok(if g.named() { Got::Held } else { Got::Gone });
         }
-        if still_named(&g, &gp) {
-            return Ok(Some((g, gp)));
+        if !g.named() {
+            return Ok(Got::Gone);
+        }
+        if i < RETRIES {
+            pause();
         }
     }
-    Err(last.unwrap_or_else(|| {
-        Error::new(
-            crate::ErrorClass::Transient,
-            "the destination's lock file keeps being replaced; try again",
-        )
-        .with_op("lock")
-        .with_path(d)
-    }))
+    Ok(Got::Busy)
+}
+
+/// What taking a directory's guard came to.
+enum Taken {
+    Held(Guard),
+    Busy,
+    /// No guard there: `.ferry` is not this user's (see [`open_guard`]).
+    NoGuard,
+}
+
+/// Open the guard file of directory `d` (making it) and lock `r` of it; a guard removed by a
+/// run that released it between our open and our lock is not the guard any more: the new one
+/// is opened.
+fn take_guard(d: &Path, kind: Kind, r: Range, make: bool) -> Result<Taken> {
+    for _ in 0..RETRIES {
+        let g = match open_guard(d, make) {
+            Ok(Some(g)) => g,
+            Ok(None) => return Ok(Taken::NoGuard),
+            // `.ferry` removed under us (by hand): make it again.
+            Err(e) if e.class == crate::ErrorClass::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        match lock_guard(&g, kind, r)? {
+            Got::Held => return Ok(Taken::Held(g)),
+            Got::Busy => return Ok(Taken::Busy),
+            Got::Gone => continue,
+        }
+    }
+    Err(Error::new(
+        crate::ErrorClass::Transient,
+        "the destination's lock file keeps being replaced; try again",
+    )
+    .with_op("lock")
+    .with_path(d))
 }
 
 fn busy(d: &Path) -> Error {
     Error::usage(
-        "another ferry transfer is writing into this destination (or into a tree that holds \
-         it, or one inside it) right now; wait for it to end (`ferry list`) or choose another \
-         destination",
+        "another ferry transfer is writing into this destination (or into a tree that holds          it, or one inside it) right now; wait for it to end (`ferry list`) or choose another          destination",
     )
     .with_op("lock")
     .with_path(d)
@@ -245,9 +332,11 @@ fn name_byte(name: &[u8]) -> u64 {
 
 /// Open (making `.ferry` and the file if needed) the guard file of destination directory `d`.
 /// Nothing is made through a symbolic link: `d` itself must be a directory (a link planted at a
-/// destination is refused), and `.ferry` a private directory of this user, as a state directory
-/// must be.
-fn open_guard(d: &Path) -> Result<(File, PathBuf)> {
+/// destination is refused). A `.ferry` that is not a private directory of this user (another
+/// user's, in a shared directory; a link) is not used: `Ok(None)`, with a warning, and the
+/// directory `flock`s are the only guard there. Without `make`, nothing is made: no guard there
+/// is `Ok(None)` too (a check before a run has made anything).
+fn open_guard(d: &Path, make: bool) -> Result<Option<Guard>> {
     use rustix::fs::{Mode, OFlags};
     let dir = d.join(".ferry");
     let p = dir.join(GUARD);
@@ -264,40 +353,80 @@ fn open_guard(d: &Path) -> Result<(File, PathBuf)> {
         }
         Err(e) => return Err(Error::io("open-dir", d, e.into())),
     };
-    match rustix::fs::mkdirat(&dfd, ".ferry", Mode::from_raw_mode(0o700)) {
-        Ok(()) => fsio::fsync_dir(d)?,
-        Err(rustix::io::Errno::EXIST) => {}
-        Err(e) => return Err(Error::io("mkdir", &dir, e.into())),
+    if make {
+        match rustix::fs::mkdirat(&dfd, ".ferry", Mode::from_raw_mode(0o700)) {
+            Ok(()) => fsio::fsync_dir(d)?,
+            Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(Error::io("mkdir", &dir, e.into())),
+        }
     }
+    let not_ours = |why: String| {
+        log::warn!(
+            "'{}' {why}: no lock file of ferry's there, so a second transfer into '{}' is only              refused on this node",
+            dir.display(),
+            d.display()
+        );
+        Ok(None)
+    };
     let sfd = match rustix::fs::openat(&dfd, ".ferry", fl, Mode::empty()) {
         Ok(fd) => fd,
-        Err(e) => {
-            crate::state::check_private(&dir, "move it away, or set FERRY_DEST_LOCK=off")?;
-            return Err(Error::io("open-dir", &dir, e.into()));
+        Err(rustix::io::Errno::NOENT) if !make => return Ok(None),
+        Err(rustix::io::Errno::LOOP) | Err(rustix::io::Errno::NOTDIR) => {
+            return not_ours("is not a directory".into())
         }
+        Err(e) => return Err(Error::io("open-dir", &dir, e.into())),
     };
-    crate::state::check_private_fd(&sfd, &dir, "move it away, or set FERRY_DEST_LOCK=off")?;
-    let fd = rustix::fs::openat(
+    if let Err(e) = crate::state::check_private_fd(&sfd, &dir, "") {
+        return not_ours(e.message);
+    }
+    let create = if make {
+        OFlags::CREATE
+    } else {
+        OFlags::empty()
+    };
+    let fd = match rustix::fs::openat(
         &sfd,
         GUARD,
-        OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        OFlags::RDWR | create | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::from_raw_mode(0o600),
-    )
-    .map_err(io::Error::from)
-    .ctx("open", &p)?;
-    Ok((File::from(fd), p))
+    ) {
+        Ok(fd) => fd,
+        // Nobody holds a guard that does not exist.
+        Err(rustix::io::Errno::NOENT) if !make => return Ok(None),
+        Err(e) => return Err(Error::io("open", &p, e.into())),
+    };
+    Ok(Some(Guard {
+        dir: sfd,
+        file: File::from(fd),
+        path: p,
+        writable: true,
+    }))
 }
 
-/// An existing guard file of directory `d`, opened to read (`None` if there is none or it
-/// cannot be opened: another user's).
-fn existing_guard(d: &Path) -> Option<(File, PathBuf)> {
-    let p = d.join(".ferry").join(GUARD);
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&p)
-        .ok()
-        .map(|f| (f, p))
+/// An existing guard file of directory `d` (`None` if there is none or it cannot be opened),
+/// opened for writing where it may be, so that this run can remove it if it ends last.
+fn existing_guard(d: &Path) -> Option<Guard> {
+    use rustix::fs::{Mode, OFlags};
+    let fl = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let sfd = rustix::fs::open(d.join(".ferry"), fl, Mode::empty()).ok()?;
+    let open = |rw: OFlags| {
+        rustix::fs::openat(
+            &sfd,
+            GUARD,
+            rw | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+    };
+    let (fd, writable) = match open(OFlags::RDWR) {
+        Ok(fd) => (fd, true),
+        Err(_) => (open(OFlags::RDONLY).ok()?, false),
+    };
+    Some(Guard {
+        dir: sfd,
+        file: File::from(fd),
+        path: d.join(".ferry").join(GUARD),
+        writable,
+    })
 }
 
 /// A `flock` on directory `d` (local file systems only: an error, as on NFS, is passed over,
@@ -322,8 +451,8 @@ fn dir_flock(d: &Path, exclusive: bool) -> Result<Option<File>> {
 }
 
 impl DestLock {
-    /// Lock the trees `dirs` (creating them if `create`; else skipping those that do not exist
-    /// yet).
+    /// Lock the trees `dirs` (creating them if `create`; else only looking: nothing is made,
+    /// and a tree or guard file that does not exist yet is passed over).
     pub fn acquire(dirs: &[PathBuf], create: bool) -> Result<DestLock> {
         DestLock::acquire_with(dirs, &[], create)
     }
@@ -347,62 +476,84 @@ impl DestLock {
             flocks: Vec::new(),
             guards: Vec::new(),
         };
-        let mut mine: std::collections::BTreeSet<PathBuf> = Default::default();
+        // First what lies above, where nothing is made: a run refused here has touched nothing
+        // (not even a `.ferry` inside a tree another run is filling).
+        let mine: std::collections::BTreeSet<&Path> = dirs.iter().map(PathBuf::as_path).collect();
+        let file_dirs: std::collections::BTreeSet<&Path> =
+            files.iter().map(|f| fsio::parent_of(f)).collect();
+        let mut above: std::collections::BTreeSet<&Path> = Default::default();
         for d in dirs {
-            if create {
-                fsio::create_dirs(d)?;
-            } else if !d.is_dir() {
-                continue;
-            }
-            let Some(g) = take_guard(d, Kind::Exclusive, Range::ALL)? else {
-                return Err(busy(d));
-            };
-            lock.guards.push(g);
-            let f = dir_flock(d, true)?;
-            lock.flocks.extend(f);
-            mine.insert(d.clone());
+            above.extend(d.ancestors().skip(1));
         }
-        for f in files {
-            let d = fsio::parent_of(f);
-            if create {
-                fsio::create_dirs(d)?;
-            } else if !d.is_dir() {
-                continue;
-            }
-            let name = f.file_name().map(|n| n.as_bytes()).unwrap_or_default();
-            let byte = Range {
-                start: name_byte(name),
-                len: 1,
-            };
-            let Some(g) = take_guard(d, Kind::Exclusive, byte)? else {
-                return Err(busy(f));
-            };
-            lock.guards.push(g);
-        }
-        // Every directory above the trees, and each single file's directory and those above.
-        let mut above: std::collections::BTreeSet<PathBuf> = Default::default();
-        for d in dirs {
-            above.extend(d.ancestors().skip(1).map(Path::to_path_buf));
-        }
-        for f in files {
-            above.extend(f.ancestors().skip(1).map(Path::to_path_buf));
+        for d in &file_dirs {
+            above.extend(d.ancestors().skip(1));
         }
         for d in above {
-            if d.as_os_str().is_empty() || mine.contains(&d) {
+            if d.as_os_str().is_empty() || mine.contains(d) {
                 continue;
             }
-            if let Some((g, gp)) = existing_guard(&d) {
+            if let Some(g) = existing_guard(d) {
                 let zero = Range { start: 0, len: 1 };
-                match guard_lock(&g, &gp, Kind::Shared, zero) {
-                    // A guard already removed again guards nothing.
-                    Ok(true) if still_named(&g, &gp) => lock.guards.push((g, gp)),
-                    Ok(true) => {}
-                    Ok(false) => return Err(busy(&d)),
-                    Err(e) => log::debug!("no shared lock on '{}': {e}", gp.display()),
+                match lock_guard(&g, Kind::Shared, zero) {
+                    Ok(Got::Held) => lock.guards.push(g),
+                    // A guard removed meanwhile guards nothing.
+                    Ok(Got::Gone) => {}
+                    Ok(Got::Busy) => return Err(busy(d)),
+                    Err(e) => log::debug!("no shared lock on '{}': {e}", g.path.display()),
                 }
             }
-            let f = dir_flock(&d, false)?;
+            let f = dir_flock(d, false)?;
             lock.flocks.extend(f);
+        }
+        for d in &file_dirs {
+            if !mine.contains(d) {
+                let f = dir_flock(d, false)?;
+                lock.flocks.extend(f);
+            }
+        }
+        for d in dirs {
+            if create {
+                fsio::create_dirs(d)?;
+            } else if !d.is_dir() {
+                continue;
+            }
+            let f = dir_flock(d, true)?;
+            lock.flocks.extend(f);
+            match take_guard(d, Kind::Exclusive, Range::ALL, create)? {
+                Taken::Held(g) => lock.guards.push(g),
+                Taken::Busy => return Err(busy(d)),
+                Taken::NoGuard => {}
+            }
+        }
+        // Single files by directory: one guard file each, one byte per name.
+        let mut by_dir: std::collections::BTreeMap<&Path, Vec<&PathBuf>> = Default::default();
+        for f in files {
+            by_dir.entry(fsio::parent_of(f)).or_default().push(f);
+        }
+        for (d, names) in by_dir {
+            if create {
+                fsio::create_dirs(d)?;
+            } else if !d.is_dir() {
+                continue;
+            }
+            let byte = |f: &Path| Range {
+                start: name_byte(f.file_name().map(|n| n.as_bytes()).unwrap_or_default()),
+                len: 1,
+            };
+            let g = match take_guard(d, Kind::Exclusive, byte(names[0]), create)? {
+                Taken::Held(g) => g,
+                Taken::Busy => return Err(busy(names[0])),
+                Taken::NoGuard => continue,
+            };
+            for f in &names[1..] {
+                match lock_guard(&g, Kind::Exclusive, byte(f))? {
+                    Got::Held => {}
+                    Got::Busy => return Err(busy(f)),
+                    // Removed by hand under a held lock: this run holds what it can.
+                    Got::Gone => log::warn!("'{}' was removed while held", g.path.display()),
+                }
+            }
+            lock.guards.push(g);
         }
         Ok(lock)
     }
@@ -419,6 +570,38 @@ mod tests {
         assert_ne!(a, b);
         assert!(a >= 1 && b >= 1);
         assert_eq!(name_byte(b""), name_byte(b""));
+    }
+
+    /// Runs of other names in one directory, starting and ending all the time (SCR's ranks
+    /// flushing into one `ckpt.N/`): none is ever refused because another was just releasing
+    /// (and removing) the guard file, and the last one leaves no guard file behind.
+    #[test]
+    fn runs_of_other_names_in_one_directory_never_refuse_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("ckpt");
+        std::fs::create_dir_all(&d).unwrap();
+        let runs: Vec<_> = ["a", "b", "c", "d"]
+            .into_iter()
+            .map(|n| {
+                let f = d.join(n);
+                std::thread::spawn(move || {
+                    for _ in 0..150 {
+                        let l = DestLock::acquire_with(&[], std::slice::from_ref(&f), true);
+                        drop(l.unwrap());
+                    }
+                })
+            })
+            .collect();
+        for r in runs {
+            r.join().unwrap();
+        }
+        assert!(!d.join(".ferry").join(GUARD).exists());
+        // And a tree into that directory, once they are gone, takes it whole.
+        drop(DestLock::acquire(std::slice::from_ref(&d), false).unwrap());
+        let held = DestLock::acquire_with(&[], &[d.join("a")], true).unwrap();
+        let e = DestLock::acquire(std::slice::from_ref(&d), false).unwrap_err();
+        assert!(e.to_string().contains("another ferry transfer"), "{e}");
+        drop(held);
     }
 
     #[test]

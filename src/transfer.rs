@@ -393,9 +393,14 @@ fn resolve_inputs(
         let dirs: Vec<PathBuf> = roots
             .iter()
             .filter(|(s, d)| s.is_dir() && !d.is_symlink())
-            .map(|(_, d)| d.clone())
+            .map(|(_, d)| real_parent(d))
             .collect();
-        DestLock::acquire(&dirs, false)?;
+        let files: Vec<PathBuf> = roots
+            .iter()
+            .filter(|(s, _)| !s.is_dir())
+            .map(|(_, d)| real_parent(d))
+            .collect();
+        drop(DestLock::acquire_with(&dirs, &files, false)?);
     }
     Ok((layout, roots, (dst, dst_typed)))
 }
@@ -1616,13 +1621,6 @@ fn cancel_offline(td: &TransferDir, req: &state::Cancelled) -> Result<CancelOutc
 /// anchor, the destination the user named, may be a link to a directory: its target is locked;
 /// a link anywhere below it is refused.
 fn dest_lock(wp: &Plan, (me, n): (usize, usize), create: bool) -> Result<DestLock> {
-    let anchor = |p: &Path| {
-        if p.is_symlink() {
-            std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
-        } else {
-            p.to_path_buf()
-        }
-    };
     let roots = wp.dest_roots(me, n);
     let mine = wp
         .held_entries()
@@ -1638,18 +1636,47 @@ fn dest_lock(wp: &Plan, (me, n): (usize, usize), create: bool) -> Result<DestLoc
         if e.kind == Kind::Dir {
             if roots.contains(&e.dst) {
                 dirs.push(if e.dst_depth() == 0 {
-                    anchor(&e.dst)
+                    resolved(&e.dst)
                 } else {
-                    e.dst.clone()
+                    real_parent(&e.dst)
                 });
             }
         } else if !roots.iter().any(|r| e.dst.starts_with(r)) {
             let name = e.dst.file_name().unwrap_or_default();
-            files.insert(anchor(fsio::parent_of(&e.dst)).join(name));
+            files.insert(resolved(fsio::parent_of(&e.dst)).join(name));
         }
     }
     let files: Vec<PathBuf> = files.into_iter().collect();
     DestLock::acquire_with(&dirs, &files, create)
+}
+
+/// `p` with every link in it followed, as the kernel does when it reaches `p` (the part that
+/// does not exist yet kept as it is): two spellings of one destination lock the same guard
+/// files.
+fn resolved(p: &Path) -> PathBuf {
+    let mut rest = Vec::new();
+    let mut at = p;
+    loop {
+        if let Ok(real) = std::fs::canonicalize(at) {
+            return rest.iter().rev().fold(real, |acc, n| acc.join(n));
+        }
+        match (at.parent(), at.file_name()) {
+            (Some(up), Some(name)) if !up.as_os_str().is_empty() => {
+                rest.push(name.to_os_string());
+                at = up;
+            }
+            _ => return p.to_path_buf(),
+        }
+    }
+}
+
+/// `p` with the directories above it resolved (see [`resolved`]), its last component kept as
+/// it is (a link there is not followed).
+fn real_parent(p: &Path) -> PathBuf {
+    match (p.parent(), p.file_name()) {
+        (Some(d), Some(name)) if !d.as_os_str().is_empty() => resolved(d).join(name),
+        _ => p.to_path_buf(),
+    }
 }
 
 /// A `permission` error if a directory of the destination tree below its anchor (DST, or with
