@@ -154,7 +154,8 @@ impl Temps {
     }
 
     /// Make entry `e`'s temporary file before the copy (rank 0, for a file several ranks copy),
-    /// its source read as it is now through `src_tree`, and journal it.
+    /// its source read as it is now through `src_tree`, and note it in `journal` (the caller
+    /// flushes the journal before any rank writes into it).
     pub fn make(
         &self,
         plan: &Plan,
@@ -169,7 +170,7 @@ impl Temps {
         let (_, _, made, _) = self.open(plan, tree, e, &md, true)?;
         let id = made.ok_or_else(|| Error::internal("a temporary file made twice"))?;
         let dir = fsio::parent_of(&ent.dst);
-        journal.record_created(e as u32, id, (dir, ent.dst_depth().saturating_sub(1)))?;
+        journal.note_created(e as u32, id, (dir, ent.dst_depth().saturating_sub(1)))?;
         Ok(id)
     }
 }

@@ -326,13 +326,6 @@ impl Journal {
         self.flush()
     }
 
-    /// Record the temporary file `id` of `entry`, made before any copying (the file's name is
-    /// made durable first), and write it out.
-    pub fn record_created(&self, entry: u32, id: TempId, dir: (&Path, u16)) -> Result<()> {
-        self.note_created(entry, id, dir)?;
-        self.flush()
-    }
-
     /// Note the temporary file `id` of `entry` (written out with the next flush).
     pub fn note_created(&self, entry: u32, id: TempId, dir: (&Path, u16)) -> Result<()> {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());

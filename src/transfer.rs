@@ -1279,6 +1279,8 @@ fn run_phases(
                 };
                 v.push((e, id));
             }
+            // Durable, all together, before any rank writes into one of them.
+            journal.flush()?;
             Ok(v)
         })?;
         if me == 0 {
