@@ -454,8 +454,15 @@ fn an_installed_ferry_serves_cmake_and_pkg_config_projects_built_for_axl() {
 }
 
 /// `axl_tool flush STATE SRC DST` of a one-file checkpoint, SIGKILLed once its file is durable
-/// under its temporary name (journaled), before its commit.
-fn killed_one_file_flush(s: &Scratch, state: &str, src: &str, dst: &str) {
+/// under its temporary name (journaled), before its commit; `meanwhile` runs just before the
+/// kill, while the flush is held there.
+fn killed_one_file_flush(
+    s: &Scratch,
+    state: &str,
+    src: &str,
+    dst: &str,
+    meanwhile: impl FnOnce(&Scratch),
+) {
     let mut child = tool(s, &["flush", state, src, dst])
         .env("FERRY_FAILPOINTS", "commit::before_decision=delay(60000)")
         .stdout(Stdio::piped())
@@ -469,33 +476,52 @@ fn killed_one_file_flush(s: &Scratch, state: &str, src: &str, dst: &str) {
         let st = ferry::status::status(&td);
         st.bytes_total > 0 && st.bytes_done == st.bytes_total
     });
+    meanwhile(s);
     child.kill().unwrap();
     assert!(!child.wait_with_output().unwrap().status.success());
 }
 
 /// SCR's post-stage pattern, serially: two AXL transfers with their own state files flush into
-/// one directory and are killed before their commit; the first is then resumed from its state
-/// file. Every AXL transfer with a state file is named `xfer`, but their temporary names carry
-/// each plan's nonce: the resume commits its own bytes, never the other transfer's.
+/// one directory and are killed before their commit, then resumed from their state files, in
+/// either order. Every AXL transfer with a state file is named `xfer`, but their temporary names
+/// carry each plan's nonce: each resume commits its own bytes, never the other transfer's. A
+/// third flush onto a final name one of them is writing is refused while that one runs.
 #[test]
 fn two_state_file_transfers_into_one_directory_never_trade_bytes() {
-    let s = Scratch::new();
-    let mut r = Rng::new(21);
-    write_file(&s.path("a/a.dat"), 3 << 20, &mut r);
-    write_file(&s.path("b/b.dat"), 3 << 20, &mut r);
-    fs::create_dir_all(s.path("ckpt")).unwrap();
-    // One file each, both into ckpt/ (as SCR adds each rank's files to ckpt.N/).
-    killed_one_file_flush(&s, "a.state", "a/a.dat", "ckpt/a.dat");
-    killed_one_file_flush(&s, "b.state", "b/b.dat", "ckpt/b.dat");
-    assert_eq!(temps_in(&s.path("ckpt")).len(), 2, "both staged in ckpt/");
-    ok(&piped(&mut tool(&s, &["resume", "a.state"])));
-    assert!(
-        fs::read(s.path("ckpt/a.dat")).unwrap() == fs::read(s.path("a/a.dat")).unwrap(),
-        "the resumed transfer committed its own bytes"
-    );
-    ok(&piped(&mut tool(&s, &["resume", "b.state"])));
-    assert!(fs::read(s.path("ckpt/b.dat")).unwrap() == fs::read(s.path("b/b.dat")).unwrap());
-    assert!(temps_in(&s.path("ckpt")).is_empty());
+    for order in [["a", "b"], ["b", "a"]] {
+        let s = Scratch::new();
+        let mut r = Rng::new(21);
+        write_file(&s.path("a/a.dat"), 3 << 20, &mut r);
+        write_file(&s.path("b/b.dat"), 3 << 20, &mut r);
+        write_file(&s.path("c/a.dat"), 3 << 20, &mut r);
+        fs::create_dir_all(s.path("ckpt")).unwrap();
+        // One file each, both into ckpt/ (as SCR adds each rank's files to ckpt.N/).
+        killed_one_file_flush(&s, "a.state", "a/a.dat", "ckpt/a.dat", |s| {
+            // While a runs, another flush of the name a.dat fails and writes nothing.
+            let o = piped(&mut tool(s, &["flush", "c.state", "c/a.dat", "ckpt/a.dat"]));
+            assert!(
+                !o.status.success() && stderr(&o).contains("another ferry transfer"),
+                "{}",
+                stderr(&o)
+            );
+            assert!(!s.path("ckpt/a.dat").exists());
+        });
+        killed_one_file_flush(&s, "b.state", "b/b.dat", "ckpt/b.dat", |_| {});
+        assert_eq!(temps_in(&s.path("ckpt")).len(), 2, "both staged in ckpt/");
+        for t in order {
+            ok(&piped(&mut tool(&s, &["resume", &format!("{t}.state")])));
+            assert!(
+                fs::read(s.path(&format!("ckpt/{t}.dat"))).unwrap()
+                    == fs::read(s.path(&format!("{t}/{t}.dat"))).unwrap(),
+                "the resumed transfer {t} committed its own bytes ({order:?})"
+            );
+        }
+        assert!(temps_in(&s.path("ckpt")).is_empty());
+        assert!(
+            !s.path("ckpt/.ferry/.dest.lock").exists(),
+            "no lock file left"
+        );
+    }
 }
 
 /// SCR's post-stage pattern under `mpirun -n 4`: one state file per rank, every rank flushing into

@@ -1383,18 +1383,18 @@ fn run_phases(
         agree(comm, v)?;
     }
 
-    // Optional HDF5 check of every staged .h5/.hdf5 file (each by the rank that owns it).
-    if !known.decided {
-        if let Some(depth) = hdf5 {
-            let checked = check_hdf5(wp, (me, n), depth, stopper, &finals, &journal);
-            let files = agree(comm, checked)?;
-            let files = comm.allreduce_sum(files)?;
-            if me == 0 {
-                log::info!(
-                    "HDF5 check ({}): {files} file(s) open and read back",
-                    depth.name()
-                );
-            }
+    // Optional HDF5 check of every staged .h5/.hdf5 file (each by the rank that owns it); on a
+    // resume past the decision too, of what is staged or already renamed: bytes damaged since
+    // are caught here as `--verify` catches them.
+    if let Some(depth) = hdf5 {
+        let checked = check_hdf5(wp, (me, n), depth, stopper, &finals, &journal);
+        let files = agree(comm, checked)?;
+        let files = comm.allreduce_sum(files)?;
+        if me == 0 {
+            log::info!(
+                "HDF5 check ({}): {files} file(s) open and read back",
+                depth.name()
+            );
         }
     }
 
@@ -1749,11 +1749,22 @@ fn check_hdf5(
             Error::internal("a staged file has no temporary file on record").with_path(&ent.dst)
         })?;
         let tmp = engine::temp_path(wp, e, id.gen);
-        // The very file ferry made (opened by inode; the check itself reads it by name).
-        drop(tree.open_temp_read(&tmp, ent.dst_depth(), id.key())?);
-        if let Err(err) = h5::validate_staged(&tmp, &ent.dst, &ent.src, depth) {
+        // The very file ferry made (opened by inode; the check itself reads it by name); past
+        // the decision it may be at its final name already.
+        let path = match tree.open_temp_read(&tmp, ent.dst_depth(), id.key()) {
+            Ok(_) => tmp.clone(),
+            Err(err) if err.class == ErrorClass::NotFound => {
+                drop(tree.open_temp_read(&ent.dst, ent.dst_depth(), id.key())?);
+                ent.dst.clone()
+            }
+            Err(err) => return Err(err),
+        };
+        if let Err(err) = h5::validate_staged(&path, &ent.dst, &ent.src, depth) {
+            // Voided first (durably), so a resume copies it again from the source.
             journal.void_all(&[e as u32])?;
-            tree.remove_file(&tmp, ent.dst_depth())?;
+            if path == tmp {
+                tree.remove_file(&tmp, ent.dst_depth())?;
+            }
             return Err(err);
         }
         files += 1;

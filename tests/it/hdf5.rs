@@ -237,3 +237,37 @@ fn a_failed_hdf5_check_of_the_copy_is_copied_again_by_the_resume() {
     expect_code(&o, 0);
     assert_same_tree(&s.path("ckpt"), &s.path("out"));
 }
+
+/// The same past the decision: a resume with `--verify-hdf5` over a staged copy damaged after
+/// the decision refuses it (it used to commit it, exit 0), voids it, and the next resume copies
+/// it again from the source and commits.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_copy_damaged_after_the_decision_fails_the_hdf5_check_of_the_resume() {
+    let s = Scratch::new();
+    gen(&s, "ckpt", 1, "6MiB");
+    let o = s
+        .ferry()
+        .env("FERRY_FAILPOINTS", "commit::decision_written=exit")
+        .args(["copy", "--id", "hd", "--verify-hdf5", "ckpt", "out"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(ferry::failpoints::EXIT_CODE));
+    let staged = temps_in(&s.path("out"))
+        .into_iter()
+        .find(|p| {
+            fs::metadata(p).unwrap().len()
+                == fs::metadata(s.path("ckpt/rank0/ckpt.h5")).unwrap().len()
+        })
+        .unwrap();
+    flip_byte(&staged, 0);
+    let st = s.path("out/.ferry");
+    let st = st.to_str().unwrap();
+    let o = s.run(&["resume", "hd", "--state-dir", st, "--verify-hdf5"]);
+    expect_code(&o, 8);
+    assert!(stderr(&o).contains("HDF5 check failed"), "{}", stderr(&o));
+    assert!(!staged.exists(), "voided, then removed");
+    expect_code(&s.run(&["resume", "hd", "--state-dir", st]), 0);
+    assert_same_tree(&s.path("ckpt"), &s.path("out"));
+    expect_code(&s.run(&["verify", "hd", "--state-dir", st]), 0);
+}
