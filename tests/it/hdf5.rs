@@ -202,6 +202,19 @@ fn a_resume_checks_again_what_the_copy_asked_for() {
     assert_same_tree(&s.path("ckpt"), &s.path("out"));
 }
 
+/// Damage the superblock of the staged copy of `ckpt/rank0/ckpt.h5` in `out`; its path.
+fn damage_staged_h5(s: &Scratch) -> std::path::PathBuf {
+    let staged = temps_in(&s.path("out"))
+        .into_iter()
+        .find(|p| {
+            fs::metadata(p).unwrap().len()
+                == fs::metadata(s.path("ckpt/rank0/ckpt.h5")).unwrap().len()
+        })
+        .unwrap();
+    flip_byte(&staged, 0);
+    staged
+}
+
 /// A staged copy damaged before its HDF5 check fails it (the source reads fine): the file is
 /// voided in the journal before its temporary file goes, so the next resume copies it again and
 /// commits, instead of checking the same bytes forever.
@@ -219,15 +232,7 @@ fn a_failed_hdf5_check_of_the_copy_is_copied_again_by_the_resume() {
         .spawn()
         .unwrap();
     s.wait_paused(&mut c);
-    // Damage the superblock of the staged rank0/ckpt.h5.
-    let staged = temps_in(&s.path("out"))
-        .into_iter()
-        .find(|p| {
-            fs::metadata(p).unwrap().len()
-                == fs::metadata(s.path("ckpt/rank0/ckpt.h5")).unwrap().len()
-        })
-        .unwrap();
-    flip_byte(&staged, 0);
+    let staged = damage_staged_h5(&s);
     s.release();
     let o = c.wait_with_output().unwrap();
     expect_code(&o, 8);
@@ -253,14 +258,7 @@ fn a_copy_damaged_after_the_decision_fails_the_hdf5_check_of_the_resume() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(ferry::failpoints::EXIT_CODE));
-    let staged = temps_in(&s.path("out"))
-        .into_iter()
-        .find(|p| {
-            fs::metadata(p).unwrap().len()
-                == fs::metadata(s.path("ckpt/rank0/ckpt.h5")).unwrap().len()
-        })
-        .unwrap();
-    flip_byte(&staged, 0);
+    let staged = damage_staged_h5(&s);
     let st = s.path("out/.ferry");
     let st = st.to_str().unwrap();
     let o = s.run(&["resume", "hd", "--state-dir", st, "--verify-hdf5"]);

@@ -24,6 +24,36 @@ fn bytes(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
+/// Write each `(path, len, seed)` (its directory made), and make each of `dirs`.
+fn put(s: &Scratch, files: &[(&str, usize, u8)], dirs: &[&str]) {
+    for (p, len, seed) in files {
+        let p = s.path(p);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, bytes(*len, *seed)).unwrap();
+    }
+    for d in dirs {
+        fs::create_dir_all(s.path(d)).unwrap();
+    }
+}
+
+/// `ferry copy --id ID SRC DST` held at its first unit until `s.release()`.
+fn held_copy(s: &Scratch, id: &str, src: &str, dst: &str) -> std::process::Child {
+    spawn_paused(s, "copy::unit_start=pause", &["copy", "--id", id, src, dst])
+}
+
+/// Each of `runs` is refused (`usage`) because another transfer is writing there.
+fn refused(s: &Scratch, runs: &[(Vec<&str>, &str)]) {
+    for (args, what) in runs {
+        let o = s.run(args);
+        expect_code(&o, 2);
+        assert!(
+            stderr(&o).contains("another ferry transfer"),
+            "{what}: {}",
+            stderr(&o)
+        );
+    }
+}
+
 /// Two transfers of one id (as every AXL transfer with a state file is), each with its own state,
 /// writing into one directory, both stopped before their decision: the first one's resume commits
 /// its own bytes, never the other's.
@@ -377,19 +407,14 @@ fn a_second_transfer_into_a_nested_or_enclosing_destination_is_refused() {
         "copy::unit_start=pause",
         &["copy", "--id", "a", "src", "top/dst"],
     );
-    for (args, what) in [
-        (vec!["copy", "src", "top/dst/sub"], "nested"),
-        (vec!["copy", "src", "top"], "enclosing"),
-        (vec!["copy", "one/f", "top/dst/"], "a file into it"),
-    ] {
-        let o = s.run(&args);
-        expect_code(&o, 2);
-        assert!(
-            stderr(&o).contains("another ferry transfer"),
-            "{what}: {}",
-            stderr(&o)
-        );
-    }
+    refused(
+        &s,
+        &[
+            (vec!["copy", "src", "top/dst/sub"], "nested"),
+            (vec!["copy", "src", "top"], "enclosing"),
+            (vec!["copy", "one/f", "top/dst/"], "a file into it"),
+        ],
+    );
     assert!(!s.path("top/dst/sub").exists() && !s.path("top/dst/f").exists());
     // Beside it, a single file into the same parent goes on.
     expect_code(&s.run(&["copy", "one/f", "top/"]), 0);
@@ -406,38 +431,26 @@ fn a_second_transfer_into_a_nested_or_enclosing_destination_is_refused() {
 #[test]
 fn a_second_transfer_of_the_same_final_name_is_refused_other_names_go_on() {
     let s = Scratch::new();
-    fs::create_dir_all(s.path("a")).unwrap();
-    fs::create_dir_all(s.path("b")).unwrap();
-    fs::create_dir_all(s.path("ckpt")).unwrap();
-    fs::write(s.path("a/f"), bytes(300_000, 1)).unwrap();
-    fs::write(s.path("b/f"), bytes(300_000, 2)).unwrap();
-    fs::write(s.path("b/g"), bytes(1000, 3)).unwrap();
-    let c = spawn_paused(
+    put(
         &s,
-        "copy::unit_start=pause",
-        &["copy", "--id", "first", "a/f", "ckpt/"],
+        &[("a/f", 300_000, 1), ("b/f", 300_000, 2), ("b/g", 1000, 3)],
+        &["ckpt"],
     );
-    for (args, what) in [
-        (vec!["copy", "b/f", "ckpt/"], "the same name"),
-        (
-            vec!["copy", "b/f", "ckpt/f"],
-            "the same name, spelled as a file",
-        ),
-        (vec!["copy", "b", "ckpt"], "a tree into its directory"),
-    ] {
-        let o = s.run(&args);
-        expect_code(&o, 2);
-        assert!(
-            stderr(&o).contains("another ferry transfer"),
-            "{what}: {}",
-            stderr(&o)
-        );
-    }
+    let c = held_copy(&s, "first", "a/f", "ckpt/");
+    refused(
+        &s,
+        &[
+            (vec!["copy", "b/f", "ckpt/"], "the same name"),
+            (
+                vec!["copy", "b/f", "ckpt/f"],
+                "the same name, spelled as a file",
+            ),
+            (vec!["copy", "b", "ckpt"], "a tree into its directory"),
+        ],
+    );
     assert!(!s.path("ckpt/g").exists(), "the refused tree wrote nothing");
     // A file of another name goes on beside it.
-    let other = s.path("other");
-    fs::create_dir_all(&other).unwrap();
-    fs::write(other.join("g"), bytes(1000, 4)).unwrap();
+    put(&s, &[("other/g", 1000, 4)], &[]);
     expect_code(&s.run(&["copy", "other/g", "ckpt/"]), 0);
     s.release();
     expect_code(&c.wait_with_output().unwrap(), 0);
@@ -460,17 +473,16 @@ fn a_second_transfer_of_the_same_final_name_is_refused_other_names_go_on() {
 fn a_library_transfer_onto_a_name_a_running_copy_writes_is_refused() {
     use ferry::xfer::Xfer;
     let s = Scratch::new();
-    fs::create_dir_all(s.path("a")).unwrap();
-    fs::create_dir_all(s.path("cache")).unwrap();
-    fs::create_dir_all(s.path("ckpt")).unwrap();
-    fs::write(s.path("a/f"), bytes(300_000, 1)).unwrap();
-    fs::write(s.path("cache/f"), bytes(300_000, 2)).unwrap();
-    fs::write(s.path("cache/g"), bytes(2000, 3)).unwrap();
-    let c = spawn_paused(
+    put(
         &s,
-        "copy::unit_start=pause",
-        &["copy", "--id", "cli", "a/f", "ckpt/"],
+        &[
+            ("a/f", 300_000, 1),
+            ("cache/f", 300_000, 2),
+            ("cache/g", 2000, 3),
+        ],
+        &["ckpt"],
     );
+    let c = held_copy(&s, "cli", "a/f", "ckpt/");
     let mut same = Xfer::create("same", &s.path("state")).unwrap();
     same.add(s.path("cache/f"), s.path("ckpt/f")).unwrap();
     same.dispatch().unwrap();
@@ -494,8 +506,7 @@ fn a_library_transfer_onto_a_name_a_running_copy_writes_is_refused() {
 #[test]
 fn a_file_system_without_locks_stops_the_run_loudly_unless_told_to_go_on() {
     let s = Scratch::new();
-    fs::create_dir_all(s.path("a")).unwrap();
-    fs::write(s.path("a/f"), bytes(5000, 1)).unwrap();
+    put(&s, &[("a/f", 5000, 1)], &[]);
     let fp = "locks::dest=error(ENOLCK)#1*";
     for args in [vec!["copy", "a/f", "out/"], vec!["copy", "a", "tree"]] {
         let o = run_fp(&s, fp, &args);
