@@ -745,8 +745,9 @@ pub fn verify_units(
         journal.void_all(&entries)?;
         for (e, path) in &bad {
             let ent = plan.entry(*e as usize);
-            if *path != ent.dst {
-                tree.remove_file(path, ent.dst_depth())?;
+            let id = idents.get(e).map(|id| id.key());
+            if let (true, Some(id)) = (*path != ent.dst, id) {
+                tree.remove_temp(path, ent.dst_depth(), id)?;
             }
         }
     }

@@ -492,14 +492,17 @@ impl DestLock {
             if d.as_os_str().is_empty() || mine.contains(d) {
                 continue;
             }
-            if let Some(g) = existing_guard(d) {
+            // A guard removed meanwhile guards nothing; one made again since is looked at.
+            for _ in 0..RETRIES {
+                let Some(g) = existing_guard(d) else { break };
                 let zero = Range { start: 0, len: 1 };
-                match lock_guard(&g, Kind::Shared, zero) {
-                    Ok(Got::Held) => lock.guards.push(g),
-                    // A guard removed meanwhile guards nothing.
-                    Ok(Got::Gone) => {}
-                    Ok(Got::Busy) => return Err(busy(d)),
-                    Err(e) => log::debug!("no shared lock on '{}': {e}", g.path.display()),
+                match lock_guard(&g, Kind::Shared, zero)? {
+                    Got::Held => {
+                        lock.guards.push(g);
+                        break;
+                    }
+                    Got::Gone => continue,
+                    Got::Busy => return Err(busy(d)),
                 }
             }
             let f = dir_flock(d, false)?;

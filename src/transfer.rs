@@ -18,6 +18,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::{OsStr, OsString};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -903,12 +904,7 @@ fn drop_voided(
         let Some(id) = idents.get(&e) else { continue };
         let ent = plan.entry(e as usize);
         let tmp = engine::temp_path(plan, e as usize, id.gen);
-        if tree
-            .key(&tmp, ent.dst_depth())?
-            .is_some_and(|k| k.regular && id.is(k.key))
-        {
-            tree.remove_file(&tmp, ent.dst_depth())?;
-        }
+        tree.remove_temp(&tmp, ent.dst_depth(), id.key())?;
     }
     if attempt <= 1 {
         return Ok(());
@@ -1197,12 +1193,8 @@ fn run_phases(
                 );
             }
             let copy = plan.assign(&todo, n)?;
-            let check = if verify {
-                let all: Vec<u32> = (0..plan.n_units() as u32).collect();
-                plan.assign(&all, n)?
-            } else {
-                vec![Vec::new(); n]
-            };
+            let check =
+                plan.assign(&read_back(plan, verify, known.decided && hdf5.is_some()), n)?;
             Ok((copy, check))
         })()
     } else {
@@ -1272,15 +1264,27 @@ fn run_phases(
     if plan.layout == Layout::Shared && n > 1 {
         let made: Vec<(u32, TempId)> = from_root(comm, || {
             let mut v = Vec::new();
+            let mut failed = None;
             for &e in &several {
                 let id = match full.get(&e) {
                     Some(id) => *id,
-                    None => temps.make(plan, &tree, &src_tree, &journal, e as usize)?,
+                    None => match temps.make(plan, &tree, &src_tree, &journal, e as usize) {
+                        Ok(id) => id,
+                        Err(err) => {
+                            failed = Some(err);
+                            break;
+                        }
+                    },
                 };
                 v.push((e, id));
             }
-            // Durable, all together, before any rank writes into one of them.
-            journal.flush()?;
+            // Durable, all together, before any rank writes into one of them (and those made
+            // before a failure too, so a later attempt knows them as ferry's).
+            let flushed = journal.flush();
+            if let Some(err) = failed {
+                return Err(err);
+            }
+            flushed?;
             Ok(v)
         })?;
         if me == 0 {
@@ -1348,9 +1352,10 @@ fn run_phases(
     )?;
 
     // Optional read-back: rank 0 sends each rank the CRCs of the units it verifies.
-    if verify {
+    let h5_past_decision = known.decided && hdf5.is_some();
+    if verify || h5_past_decision {
         let parts = if me == 0 {
-            let check = plan.assign(&(0..plan.n_units() as u32).collect::<Vec<_>>(), n);
+            let check = plan.assign(&read_back(plan, verify, h5_past_decision), n);
             check.and_then(|check| {
                 check
                     .iter()
@@ -1383,10 +1388,9 @@ fn run_phases(
         agree(comm, v)?;
     }
 
-    // Optional HDF5 check of every staged .h5/.hdf5 file (each by the rank that owns it); on a
-    // resume past the decision too, of what is staged or already renamed: bytes damaged since
-    // are caught here as `--verify` catches them.
-    if let Some(depth) = hdf5 {
+    // Optional HDF5 check of every staged .h5/.hdf5 file (each by the rank that owns it); past
+    // the decision, the read-back above stands for it.
+    if let (Some(depth), false) = (hdf5, known.decided) {
         let checked = check_hdf5(wp, (me, n), depth, stopper, &finals, &journal);
         let files = agree(comm, checked)?;
         let files = comm.allreduce_sum(files)?;
@@ -1726,6 +1730,21 @@ fn hdf5_depth(
     decode(&bytes)
 }
 
+/// The units read back against the journal's CRCs: all of them with `--verify`; past the
+/// decision with an HDF5 check, those of the HDF5 files. (Their format was checked before the
+/// decision; what can have happened since is damage, which the read-back finds. A format check
+/// there could fail forever on a source that is itself broken, which a transfer past its
+/// decision can no longer give up.)
+fn read_back(plan: &Plan, verify: bool, h5_past_decision: bool) -> Vec<u32> {
+    (0..plan.n_units() as u32)
+        .filter(|&u| {
+            verify
+                || h5_past_decision
+                    && h5::is_hdf5_name(&plan.entry(plan.unit(u).entry as usize).dst)
+        })
+        .collect()
+}
+
 /// Open and read back every staged HDF5 file this rank owns; how many. A staged file that fails
 /// the check is voided in the journal (durably) before its temporary file is removed, so a resume
 /// copies it again instead of checking the same bytes forever.
@@ -1749,22 +1768,17 @@ fn check_hdf5(
             Error::internal("a staged file has no temporary file on record").with_path(&ent.dst)
         })?;
         let tmp = engine::temp_path(wp, e, id.gen);
-        // The very file ferry made (opened by inode; the check itself reads it by name); past
-        // the decision it may be at its final name already.
-        let path = match tree.open_temp_read(&tmp, ent.dst_depth(), id.key()) {
-            Ok(_) => tmp.clone(),
-            Err(err) if err.class == ErrorClass::NotFound => {
-                drop(tree.open_temp_read(&ent.dst, ent.dst_depth(), id.key())?);
-                ent.dst.clone()
-            }
-            Err(err) => return Err(err),
-        };
+        // The very file ferry made, opened by inode and read through that descriptor
+        // (`/proc/self/fd`), so a file swapped in at the name is never what is checked.
+        let f = tree.open_temp_read(&tmp, ent.dst_depth(), id.key())?;
+        let held = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
+        let path = if held.exists() { held } else { tmp.clone() };
         if let Err(err) = h5::validate_staged(&path, &ent.dst, &ent.src, depth) {
-            // Voided first (durably), so a resume copies it again from the source.
+            drop(f);
+            // Voided first (durably), so a resume copies it again from the source; then the
+            // temporary goes, if it is still the one ferry made.
             journal.void_all(&[e as u32])?;
-            if path == tmp {
-                tree.remove_file(&tmp, ent.dst_depth())?;
-            }
+            tree.remove_temp(&tmp, ent.dst_depth(), id.key())?;
             return Err(err);
         }
         files += 1;

@@ -347,6 +347,15 @@ impl Tree {
         })
     }
 
+    /// Remove the temporary file `path` only if it is the very file `expect` names (hashed
+    /// device, inode): anything else there is left alone. Returns whether it was removed.
+    pub fn remove_temp(&self, path: &Path, depth: u16, expect: (u32, u64)) -> Result<bool> {
+        match self.key(path, depth)? {
+            Some(k) if k.regular && k.key == expect => self.remove_file(path, depth),
+            _ => Ok(false),
+        }
+    }
+
     /// Remove a file or symlink; a missing one is not an error. Returns whether something was
     /// removed. The caller fsyncs the directory when the removal must be durable.
     pub fn remove_file(&self, path: &Path, depth: u16) -> Result<bool> {
@@ -412,7 +421,9 @@ impl Tree {
         depth: u16,
         expect: (u32, u64),
     ) -> Result<Option<(File, FileKey)>> {
-        match self.open_ident(tmp, depth, expect, OFlags::WRONLY) {
+        // Read-only: enough for fchmod, fchown, futimens and fsync, and it opens ferry's own
+        // temporary after its final mode (0444, say) was set, for a user who is not root.
+        match self.open_ident(tmp, depth, expect, OFlags::RDONLY) {
             Ok(x) => Ok(Some(x)),
             Err(e) if e.class == ErrorClass::NotFound => Ok(None),
             Err(e) => Err(e),

@@ -255,3 +255,47 @@ fn a_read_only_destination_is_a_permission_error_and_resumes_once_writable() {
     expect_code(&s.run(&["resume", "ro"]), 0);
     assert_same_tree(&src, &s.path("ro/dst"));
 }
+
+/// An unprivileged user's run stopped after its temporaries got their final mode (0444, read
+/// only) but before their renames: the resume opens ferry's own read-only temporaries (to check
+/// them and set their metadata) and commits. It used to open them for writing, get EACCES, and
+/// refuse them as foreign files on every resume.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_resume_commits_an_unprivileged_users_read_only_temporaries() {
+    let s = Nobody::new();
+    let src = s.path("pub/src");
+    let mut r = Rng::new(5);
+    for (name, size) in [("ro.dat", 300_000u64), ("small.txt", 100)] {
+        write_file(&src.join(name), size, &mut r);
+        fs::set_permissions(src.join(name), fs::Permissions::from_mode(0o444)).unwrap();
+        std::os::unix::fs::chown(src.join(name), Some(65534), Some(65534)).unwrap();
+    }
+    std::os::unix::fs::chown(&src, Some(65534), Some(65534)).unwrap();
+    let o = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(s.path("ferry"))
+        .args(["copy", "--id", "ro", "src", "out"])
+        .env("FERRY_HOME", s.path("pub/home"))
+        .env("FERRY_FAILPOINTS", "commit::file_finished=exit")
+        .current_dir(s.path("pub"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(ferry::failpoints::EXIT_CODE),
+        "{}",
+        stderr(&o)
+    );
+    let staged: Vec<PathBuf> = temps_in(&s.path("pub/out"));
+    assert!(
+        staged
+            .iter()
+            .any(|t| fs::metadata(t).unwrap().permissions().mode() & 0o777 == 0o444),
+        "a temporary with its final, read-only mode: {staged:?}"
+    );
+    let o = s.run(&["resume", "ro", "--state-dir", "out/.ferry"]);
+    expect_code(&o, 0);
+    assert_same_tree(&src, &s.path("pub/out"));
+}
