@@ -658,8 +658,9 @@ fn crc_of(
 /// with those computed while copying; then re-read the same bytes of the source, so a source
 /// rewritten in place (even with its size and mtime kept) is caught before the commit. Each file
 /// read is the very inode `idents` names. A unit whose bytes read back wrong gets its entry voided
-/// in `journal` (durably, this attempt's records included) before its temporary file is removed,
-/// so a resume copies that file again into a new temporary file and never trusts a hole.
+/// in `journal` (durably, this attempt's records included) and is listed in `voided`, whose
+/// temporary files the caller removes ([`remove_voided`]) once every rank is done reading, so a
+/// resume copies that file again into a new temporary file and never trusts a hole.
 #[allow(clippy::too_many_arguments)]
 pub fn verify_units(
     plan: &Plan,
@@ -670,6 +671,7 @@ pub fn verify_units(
     journal: &Journal,
     stopper: &Stopper,
     retry: RetryPolicy,
+    voided: &mut Vec<(u32, PathBuf)>,
 ) -> Result<()> {
     let tree = fsio::Tree::new();
     // Entries whose staged bytes read back wrong, with the file read.
@@ -736,22 +738,30 @@ pub fn verify_units(
             Ok(())
         })
     });
-    // The journal vouches for bytes that are not there: void those entries first (durably), then
-    // drop their temporary files, so a resume copies each whole file again. (After the loop: a
-    // temporary file removed while another thread reads it would read as missing.)
+    // The journal vouches for bytes that are not there: void those entries now (durably); the
+    // caller drops their temporary files once every rank has read what it verifies (another
+    // rank may be reading another unit of the same file), so a resume copies each whole file
+    // again.
     let bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
     if !bad.is_empty() {
         let entries: Vec<u32> = bad.iter().map(|(e, _)| *e).collect();
         journal.void_all(&entries)?;
-        for (e, path) in &bad {
-            let ent = plan.entry(*e as usize);
-            let id = idents.get(e).map(|id| id.key());
-            if let (true, Some(id)) = (*path != ent.dst, id) {
-                tree.remove_temp(path, ent.dst_depth(), id)?;
-            }
+    }
+    *voided = bad;
+    res
+}
+
+/// Remove the temporary files of entries [`verify_units`] voided (`bad`), if each is still the
+/// one ferry made: after every rank is done reading.
+pub fn remove_voided(plan: &Plan, bad: &[(u32, PathBuf)], idents: &Idents) -> Result<()> {
+    let tree = fsio::Tree::new();
+    for (e, path) in bad {
+        let ent = plan.entry(*e as usize);
+        if let (true, Some(id)) = (*path != ent.dst, idents.get(e)) {
+            tree.remove_temp(path, ent.dst_depth(), id.key())?;
         }
     }
-    res
+    Ok(())
 }
 
 /// Shorthand used by the orchestration: an `Arc<Progress>` or a private one.

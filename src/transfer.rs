@@ -1375,6 +1375,7 @@ fn run_phases(
         let mine: HashMap<u32, u32> = decode::<Vec<(u32, u32)>>(&comm.scatter(0, &parts)?)?
             .into_iter()
             .collect();
+        let mut voided = Vec::new();
         let v = engine::verify_units(
             wp,
             &pool,
@@ -1384,8 +1385,13 @@ fn run_phases(
             &journal,
             stopper,
             run.retry,
+            &mut voided,
         );
-        agree(comm, v)?;
+        // Every rank has read what it verifies; only now do voided temporaries go.
+        let v = agree(comm, v);
+        let removed = agree(comm, engine::remove_voided(wp, &voided, &finals));
+        v?;
+        removed?;
     }
 
     // Optional HDF5 check of every staged .h5/.hdf5 file (each by the rank that owns it); past
