@@ -385,7 +385,20 @@ fn file_crc(f: &std::fs::File, path: &Path) -> Result<u32> {
 pub fn delete_source_dirs(plan: &Plan, me: usize, n: usize) -> Result<Vec<PathBuf>> {
     let tree = fsio::Tree::new();
     let mut kept = Vec::new();
-    let mine: Vec<usize> = owned(plan, me, n, Kind::Dir).collect();
+    // Rank 0 (which holds the whole plan), deepest first, so a directory goes after those in it
+    // (in the local layout, each holder its own).
+    let mine: Vec<usize> = plan
+        .held_entries()
+        .into_iter()
+        .filter(|&e| {
+            let ent = plan.entry(e);
+            ent.kind == Kind::Dir
+                && match (plan.layout, ent.holder) {
+                    (crate::plan::Layout::Local, Some(h)) => h == me,
+                    _ => me == 0 || n == 0,
+                }
+        })
+        .collect();
     for &e in mine.iter().rev() {
         let ent = plan.entry(e);
         let src = &ent.src;

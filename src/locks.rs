@@ -322,12 +322,7 @@ fn switched_off() -> bool {
 /// The byte of a directory's guard file that stands for the final name `name` (FNV-1a, so every
 /// ferry picks the same byte; 0 is kept for the shared locks of transfers below).
 fn name_byte(name: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in name {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    1 + (h >> 2)
+    1 + (crate::plan::fnv1a(name) >> 2)
 }
 
 /// Open (making `.ferry` and the file if needed) the guard file of destination directory `d`.

@@ -445,15 +445,20 @@ impl Plan {
         (self.unit_ids, self.units) = units.into_iter().unzip();
     }
 
-    /// The rank that finalises entry `e` (renames it, restores metadata, removes its source):
-    /// its holder in the local layout; otherwise files and symlinks spread by index and every
-    /// directory on rank 0 (directories are finished deepest first, after all files).
+    /// The rank that finalises entry `e` (renames it, restores metadata, removes a file's
+    /// source): its holder in the local layout; otherwise the rank chosen by the directory that
+    /// holds it (a hash of that path). So every file of a directory is renamed by one rank,
+    /// which alone fsyncs that directory: the commit issues O(directories) directory fsyncs in
+    /// all, spread over the ranks, not one per rank and directory. (Copying is balanced by
+    /// bytes on its own; source directories are removed by rank 0, deepest first.)
     pub fn owner(&self, e: usize, nranks: usize) -> usize {
         let ent = self.entry(e);
         match (self.layout, ent.holder) {
             (Layout::Local, Some(h)) => h,
-            _ if ent.kind == Kind::Dir => 0,
-            _ => e % nranks,
+            _ => {
+                let dir = crate::fsio::parent_of(&ent.dst);
+                (fnv1a(dir.as_os_str().as_bytes()) % nranks.max(1) as u64) as usize
+            }
         }
     }
 
@@ -889,6 +894,17 @@ pub fn check_paths(entries: &[Entry], roots: &[(PathBuf, PathBuf)]) -> Result<()
         }
     }
     Ok(())
+}
+
+/// FNV-1a of `bytes`: a hash every ferry computes alike (who owns an entry, which byte of a lock
+/// file stands for a name).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
 }
 
 #[cfg(test)]
