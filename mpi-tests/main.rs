@@ -629,3 +629,58 @@ fn under_mpirun_each_rank_generates_its_own_checkpoint_and_a_verified_copy_commi
     );
     assert_same_tree(&s.path("ckpt"), &s.path("out"));
 }
+
+/// Every collective moves its data in rounds of a bounded size (MPI counts are ints: one
+/// message of 2 GiB or more would abort the job). With the bound forced down to 512 bytes
+/// (`FERRY_MPI_CHUNK`), so the plan's slices, the journals, the identities and the local
+/// layout's entries all take many rounds, both layouts still copy identically and commit.
+#[test]
+fn with_collectives_cut_into_small_rounds_both_layouts_copy_identically() {
+    let s = Scratch::new();
+    let src = s.path("src");
+    awkward_tree(&src, 64 << 10, 1 << 20, 9);
+    let o = piped(
+        mpirun(
+            &s,
+            4,
+            &["copy", "--json", "--chunk-size", "64K", "src", "dst"],
+        )
+        .env("FERRY_MPI_CHUNK", "512"),
+    );
+    expect_code(&o, 0);
+    assert_same_tree(&src, &s.path("dst"));
+    let sum: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    expect_code(&s.run(&["verify", sum["id"].as_str().unwrap()]), 0);
+    let mut r = Rng::new(12);
+    for rank in 0..4 {
+        numbered_files(
+            &s.path(&format!("node{rank}/ckpt")),
+            40,
+            4,
+            100,
+            977,
+            &mut r,
+        );
+    }
+    let o = piped(
+        mpirun(
+            &s,
+            4,
+            &[
+                "copy",
+                "--chunk-size",
+                "64K",
+                "node{rank}/ckpt",
+                "pfs/rank{rank}",
+            ],
+        )
+        .env("FERRY_MPI_CHUNK", "512"),
+    );
+    expect_code(&o, 0);
+    for rank in 0..4 {
+        assert_same_tree(
+            &s.path(&format!("node{rank}/ckpt")),
+            &s.path(&format!("pfs/rank{rank}")),
+        );
+    }
+}

@@ -157,6 +157,32 @@ fn too_big(n: usize) -> Error {
     )
 }
 
+/// The most bytes one rank puts into one round of a v-collective: every round carries at most
+/// `ranks` × this, well under MPI's 2 GiB count limit (`FERRY_MPI_CHUNK` makes it smaller, so
+/// tests can drive many rounds with little data).
+fn piece(ranks: usize) -> u64 {
+    let cap = (Count::MAX as u64 / 2) / ranks.max(1) as u64;
+    let want = std::env::var("FERRY_MPI_CHUNK")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&v| v > 0)
+        .unwrap_or(256 << 20);
+    want.min(cap).max(1)
+}
+
+/// Rounds needed to move parts of up to `largest` bytes `piece` bytes at a time (at least one,
+/// so an all-empty collective still meets).
+fn rounds(largest: u64, piece: u64) -> u64 {
+    largest.div_ceil(piece).max(1)
+}
+
+/// The bytes of `data` that travel in round `k`.
+fn part_of(data: &[u8], k: u64, piece: u64) -> &[u8] {
+    let from = (k * piece).min(data.len() as u64) as usize;
+    let to = ((k + 1) * piece).min(data.len() as u64) as usize;
+    &data[from..to]
+}
+
 /// Counts, displacements and total for a v-collective of parts of `sizes` bytes. Open MPI
 /// refuses zero counts there (MPI_ERR_ARG), so an empty part travels as one ignored byte.
 fn layout(sizes: &[u64]) -> Result<(Vec<Count>, Vec<Count>, u64)> {
@@ -211,20 +237,36 @@ impl Comm for MpiComm {
                     .immediate_all_gather_into(scope, &mine, &mut sizes[..]),
             );
         });
-        let (counts, displs, total) = layout(&sizes)?;
-        let pad = [0u8];
-        let send: &[u8] = if data.is_empty() { &pad } else { data };
-        let mut buf = vec![0u8; total as usize];
-        {
-            let mut part = PartitionMut::new(&mut buf[..], &counts[..], &displs[..]);
-            mpi::request::scope(|scope| {
-                wait_polled(
-                    self.world
-                        .immediate_all_gather_varcount_into(scope, send, &mut part),
-                );
-            });
+        // In rounds of at most `piece` bytes per rank: no message nears the count limit.
+        let piece = piece(n);
+        let mut out: Vec<Vec<u8>> = sizes
+            .iter()
+            .map(|&s| Vec::with_capacity(s as usize))
+            .collect();
+        for k in 0..rounds(sizes.iter().copied().max().unwrap_or(0), piece) {
+            let these: Vec<u64> = sizes
+                .iter()
+                .map(|&s| (s.min((k + 1) * piece)).saturating_sub(k * piece))
+                .collect();
+            let (counts, displs, total) = layout(&these)?;
+            let pad = [0u8];
+            let mine = part_of(data, k, piece);
+            let send: &[u8] = if mine.is_empty() { &pad } else { mine };
+            let mut buf = vec![0u8; total as usize];
+            {
+                let mut part = PartitionMut::new(&mut buf[..], &counts[..], &displs[..]);
+                mpi::request::scope(|scope| {
+                    wait_polled(
+                        self.world
+                            .immediate_all_gather_varcount_into(scope, send, &mut part),
+                    );
+                });
+            }
+            for (o, p) in out.iter_mut().zip(unpack(&buf, &these, &displs)) {
+                o.extend_from_slice(&p);
+            }
         }
-        Ok(unpack(&buf, &sizes, &displs))
+        Ok(out)
     }
 
     fn broadcast(&self, root: usize, data: &[u8]) -> Result<Vec<u8>> {
@@ -246,9 +288,9 @@ impl Comm for MpiComm {
             vec![0u8; len as usize]
         };
         // MPI counts are ints: send big payloads in pieces.
-        for piece in buf.chunks_mut(1 << 30) {
+        for p in buf.chunks_mut(piece(1) as usize) {
             mpi::request::scope(|scope| {
-                wait_polled(proc.immediate_broadcast_into(scope, piece));
+                wait_polled(proc.immediate_broadcast_into(scope, p));
             });
         }
         Ok(buf)
@@ -258,81 +300,122 @@ impl Comm for MpiComm {
         let proc = self.world.process_at_rank(root as i32);
         let n = self.size;
         let mine = data.len() as u64;
+        let piece = piece(n);
         let pad = [0u8];
-        // Zero counts are refused by Open MPI's v-collectives: an empty part travels as a byte.
-        let send: &[u8] = if data.is_empty() { &pad } else { data };
         if self.rank != root {
             mpi::request::scope(|scope| {
                 wait_polled(proc.immediate_gather_into(scope, &mine));
             });
+            let mut k_max: u64 = 0;
             mpi::request::scope(|scope| {
-                wait_polled(proc.immediate_gather_varcount_into(scope, send));
+                wait_polled(proc.immediate_broadcast_into(scope, &mut k_max));
             });
+            for k in 0..k_max {
+                // Zero counts are refused by Open MPI's v-collectives: an empty part travels as
+                // a byte.
+                let p = part_of(data, k, piece);
+                let send: &[u8] = if p.is_empty() { &pad } else { p };
+                mpi::request::scope(|scope| {
+                    wait_polled(proc.immediate_gather_varcount_into(scope, send));
+                });
+            }
             return Ok(Vec::new());
         }
         let mut sizes = vec![0u64; n];
         mpi::request::scope(|scope| {
             wait_polled(proc.immediate_gather_into_root(scope, &mine, &mut sizes[..]));
         });
-        let (counts, displs, total) = layout(&sizes)?;
-        let mut buf = vec![0u8; total as usize];
-        {
-            let mut part = PartitionMut::new(&mut buf[..], &counts[..], &displs[..]);
-            mpi::request::scope(|scope| {
-                wait_polled(proc.immediate_gather_varcount_into_root(scope, send, &mut part));
-            });
+        // In rounds of at most `piece` bytes per rank: no message nears the count limit.
+        let mut k_max = rounds(sizes.iter().copied().max().unwrap_or(0), piece);
+        mpi::request::scope(|scope| {
+            wait_polled(proc.immediate_broadcast_into(scope, &mut k_max));
+        });
+        let mut out: Vec<Vec<u8>> = sizes
+            .iter()
+            .map(|&s| Vec::with_capacity(s as usize))
+            .collect();
+        for k in 0..k_max {
+            let these: Vec<u64> = sizes
+                .iter()
+                .map(|&s| (s.min((k + 1) * piece)).saturating_sub(k * piece))
+                .collect();
+            let (counts, displs, total) = layout(&these)?;
+            let p = part_of(data, k, piece);
+            let send: &[u8] = if p.is_empty() { &pad } else { p };
+            let mut buf = vec![0u8; total as usize];
+            {
+                let mut part = PartitionMut::new(&mut buf[..], &counts[..], &displs[..]);
+                mpi::request::scope(|scope| {
+                    wait_polled(proc.immediate_gather_varcount_into_root(scope, send, &mut part));
+                });
+            }
+            for (o, p) in out.iter_mut().zip(unpack(&buf, &these, &displs)) {
+                o.extend_from_slice(&p);
+            }
         }
-        Ok(unpack(&buf, &sizes, &displs))
+        Ok(out)
     }
 
     fn scatter(&self, root: usize, parts: &[Vec<u8>]) -> Result<Vec<u8>> {
         let proc = self.world.process_at_rank(root as i32);
         let n = self.size;
+        let piece = piece(n);
         let mut len: u64 = 0;
-        let mut counts: Vec<Count> = Vec::new();
-        let mut displs: Vec<Count> = Vec::new();
-        let mut send: Vec<u8> = Vec::new();
+        let mut sizes: Vec<u64> = Vec::new();
         if self.rank == root {
             if parts.len() != n {
                 return Err(Error::internal("scatter: one part per rank is needed"));
             }
-            let sizes: Vec<u64> = parts.iter().map(|p| p.len() as u64).collect();
+            sizes = parts.iter().map(|p| p.len() as u64).collect();
             mpi::request::scope(|scope| {
                 wait_polled(proc.immediate_scatter_into_root(scope, &sizes[..], &mut len));
             });
-            // Zero counts are refused by Open MPI's v-collectives: empty parts travel as a byte.
-            let total: u64 = sizes.iter().map(|&s| s.max(1)).sum();
-            if total > Count::MAX as u64 {
-                return Err(too_big(total as usize));
-            }
-            send.reserve(total as usize);
-            for p in parts {
-                displs.push(send.len() as Count);
-                if p.is_empty() {
-                    send.push(0);
-                } else {
-                    send.extend_from_slice(p);
-                }
-                counts.push(p.len().max(1) as Count);
-            }
         } else {
             mpi::request::scope(|scope| {
                 wait_polled(proc.immediate_scatter_into(scope, &mut len));
             });
         }
-        let mut buf = vec![0u8; len.max(1) as usize];
-        if self.rank == root {
-            let part = mpi::datatype::Partition::new(&send[..], &counts[..], &displs[..]);
-            mpi::request::scope(|scope| {
-                wait_polled(proc.immediate_scatter_varcount_into_root(scope, &part, &mut buf[..]));
-            });
-        } else {
-            mpi::request::scope(|scope| {
-                wait_polled(proc.immediate_scatter_varcount_into(scope, &mut buf[..]));
-            });
+        // In rounds of at most `piece` bytes per rank: no message nears the count limit.
+        let mut k_max = rounds(sizes.iter().copied().max().unwrap_or(0), piece);
+        mpi::request::scope(|scope| {
+            wait_polled(proc.immediate_broadcast_into(scope, &mut k_max));
+        });
+        let mut out = Vec::with_capacity(len as usize);
+        for k in 0..k_max {
+            let mine = (len.min((k + 1) * piece)).saturating_sub(k * piece);
+            // Zero counts are refused by Open MPI's v-collectives: empty parts travel as a byte.
+            let mut buf = vec![0u8; mine.max(1) as usize];
+            if self.rank == root {
+                let mut counts: Vec<Count> = Vec::with_capacity(n);
+                let mut displs: Vec<Count> = Vec::with_capacity(n);
+                let mut send: Vec<u8> = Vec::new();
+                for p in parts {
+                    let p = part_of(p, k, piece);
+                    displs.push(send.len() as Count);
+                    if p.is_empty() {
+                        send.push(0);
+                    } else {
+                        send.extend_from_slice(p);
+                    }
+                    counts.push(p.len().max(1) as Count);
+                }
+                let part = mpi::datatype::Partition::new(&send[..], &counts[..], &displs[..]);
+                mpi::request::scope(|scope| {
+                    wait_polled(proc.immediate_scatter_varcount_into_root(
+                        scope,
+                        &part,
+                        &mut buf[..],
+                    ));
+                });
+            } else {
+                mpi::request::scope(|scope| {
+                    wait_polled(proc.immediate_scatter_varcount_into(scope, &mut buf[..]));
+                });
+            }
+            buf.truncate(mine as usize);
+            out.extend_from_slice(&buf);
         }
-        buf.truncate(len as usize);
-        Ok(buf)
+        Ok(out)
     }
 
     fn scatter_each(&self, root: usize, make: &mut dyn FnMut(usize) -> Vec<u8>) -> Result<Vec<u8>> {
@@ -340,7 +423,7 @@ impl Comm for MpiComm {
         // first; big parts travel in pieces (MPI counts are ints). Messages between two ranks
         // with one tag arrive in order.
         const TAG: i32 = 7;
-        const PIECE: usize = 1 << 30;
+        let piece = piece(1) as usize;
         if self.rank == root {
             for r in (0..self.size).filter(|&r| r != root) {
                 let part = make(r);
@@ -349,9 +432,9 @@ impl Comm for MpiComm {
                 mpi::request::scope(|scope| {
                     wait_polled(to.immediate_send_with_tag(scope, &len, TAG));
                 });
-                for piece in part.chunks(PIECE) {
+                for p in part.chunks(piece) {
                     mpi::request::scope(|scope| {
-                        wait_polled(to.immediate_send_with_tag(scope, piece, TAG));
+                        wait_polled(to.immediate_send_with_tag(scope, p, TAG));
                     });
                 }
             }
@@ -363,9 +446,9 @@ impl Comm for MpiComm {
             wait_polled(from.immediate_receive_into_with_tag(scope, &mut len, TAG));
         });
         let mut buf = vec![0u8; len as usize];
-        for piece in buf.chunks_mut(PIECE) {
+        for p in buf.chunks_mut(piece) {
             mpi::request::scope(|scope| {
-                wait_polled(from.immediate_receive_into_with_tag(scope, piece, TAG));
+                wait_polled(from.immediate_receive_into_with_tag(scope, p, TAG));
             });
         }
         Ok(buf)
