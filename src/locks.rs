@@ -200,9 +200,15 @@ fn named(dir: &OwnedFd, f: &File) -> bool {
     }
 }
 
-/// How often, 2 ms apart, a conflict is looked at again: a run that releases a guard holds all
-/// of it for the few calls that remove it, and a run ending beside others waits for them.
-const RETRIES: u32 = 50;
+/// How often, 2 ms apart, a held guard is looked at again before a run is refused as busy (half
+/// a second): a run that releases a guard holds all of it for the few calls that remove it, and
+/// on a loaded node it may be descheduled in between; a run really holding it holds it far
+/// longer.
+const RETRIES: u32 = 250;
+
+/// How often, 2 ms apart, a run ending beside others tries to take its guard whole to remove it
+/// (the last of them to end removes it).
+const DROP_TRIES: u32 = 10;
 
 fn pause() {
     std::thread::sleep(std::time::Duration::from_millis(2));
@@ -228,7 +234,7 @@ impl Drop for DestLock {
             if !g.writable {
                 continue;
             }
-            for _ in 0..RETRIES / 5 {
+            for _ in 0..DROP_TRIES {
                 match try_lock(&g.file, &g.path, Kind::Exclusive, Range::ALL) {
                     Ok(true) => {
                         if g.named() {
