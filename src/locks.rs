@@ -45,12 +45,14 @@ impl Range {
     pub const ALL: Range = Range { start: 0, len: 0 };
 }
 
-fn flock(kind: Kind, r: Range) -> libc::flock {
+/// `F_RDLCK`, `F_WRLCK`, or `F_UNLCK` for no kind (a release).
+fn flock(kind: Option<Kind>, r: Range) -> libc::flock {
     // SAFETY: `flock` is a plain C struct; all zeroes is a valid value of it.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = match kind {
-        Kind::Shared => libc::F_RDLCK,
-        Kind::Exclusive => libc::F_WRLCK,
+        Some(Kind::Shared) => libc::F_RDLCK,
+        Some(Kind::Exclusive) => libc::F_WRLCK,
+        None => libc::F_UNLCK,
     } as libc::c_short;
     fl.l_whence = libc::SEEK_SET as libc::c_short;
     fl.l_start = r.start as libc::off_t;
@@ -58,11 +60,8 @@ fn flock(kind: Kind, r: Range) -> libc::flock {
     fl
 }
 
-fn setlk(f: &File, cmd: libc::c_int, kind: Kind, r: Range, unlock: bool) -> io::Result<()> {
+fn setlk(f: &File, cmd: libc::c_int, kind: Option<Kind>, r: Range) -> io::Result<()> {
     let mut fl = flock(kind, r);
-    if unlock {
-        fl.l_type = libc::F_UNLCK as libc::c_short;
-    }
     loop {
         // SAFETY: `fl` is a valid `struct flock` that outlives the call; `l_pid` is 0 as OFD
         // locks require.
@@ -80,7 +79,7 @@ fn setlk(f: &File, cmd: libc::c_int, kind: Kind, r: Range, unlock: bool) -> io::
 /// `Ok(true)` taken, `Ok(false)` held by another. A file system that refuses the lock is an
 /// error (class by errno: ENOLCK and EOPNOTSUPP are `usage`).
 pub fn try_lock(f: &File, path: &Path, kind: Kind, r: Range) -> Result<bool> {
-    match setlk(f, libc::F_OFD_SETLK, kind, r, false) {
+    match setlk(f, libc::F_OFD_SETLK, Some(kind), r) {
         Ok(()) => Ok(true),
         Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) => Ok(false),
         Err(e) => Err(refused(path, e)),
@@ -89,7 +88,7 @@ pub fn try_lock(f: &File, path: &Path, kind: Kind, r: Range) -> Result<bool> {
 
 /// Take a lock on `r` of `f`, waiting while another open file holds a conflicting one.
 pub fn lock_wait(f: &File, path: &Path, kind: Kind, r: Range) -> Result<()> {
-    setlk(f, libc::F_OFD_SETLKW, kind, r, false).map_err(|e| refused(path, e))
+    setlk(f, libc::F_OFD_SETLKW, Some(kind), r).map_err(|e| refused(path, e))
 }
 
 fn refused(path: &Path, e: io::Error) -> Error {
@@ -222,13 +221,7 @@ impl Drop for DestLock {
         // Let go of this run's own ranges first, so runs ending together do not each see the
         // others and all leave the file.
         for g in &self.guards {
-            let _ = setlk(
-                &g.file,
-                libc::F_OFD_SETLK,
-                Kind::Exclusive,
-                Range::ALL,
-                true,
-            );
+            let _ = setlk(&g.file, libc::F_OFD_SETLK, None, Range::ALL);
         }
         for g in self.guards.drain(..) {
             if !g.writable {

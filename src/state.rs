@@ -117,8 +117,14 @@ pub fn shown(path: &Path) -> PathBuf {
     }
 }
 
-/// Whether this system reaches open directories through `/proc/self/fd`.
-fn proc_fd() -> bool {
+/// The path that reaches open file `fd` itself (`/proc/self/fd/N`), whatever is at its name now.
+pub fn fd_path(fd: std::os::fd::BorrowedFd<'_>) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// Whether this system reaches open files through `/proc/self/fd`.
+pub fn proc_fd() -> bool {
     static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *OK.get_or_init(|| Path::new("/proc/self/fd").is_dir())
 }
@@ -247,9 +253,8 @@ impl TransferDir {
 
     /// The directory, as ferry reaches it: through its descriptor once pinned.
     pub fn dir(&self) -> PathBuf {
-        use std::os::fd::AsRawFd;
         match &self.at {
-            Some(p) => PathBuf::from(format!("/proc/self/fd/{}", p.fd.as_raw_fd())),
+            Some(p) => fd_path(std::os::fd::AsFd::as_fd(&p.fd)),
             None => self.path.clone(),
         }
     }

@@ -18,7 +18,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::{OsStr, OsString};
-use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -1777,8 +1776,11 @@ fn check_hdf5(
         // The very file ferry made, opened by inode and read through that descriptor
         // (`/proc/self/fd`), so a file swapped in at the name is never what is checked.
         let f = tree.open_temp_read(&tmp, ent.dst_depth(), id.key())?;
-        let held = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
-        let path = if held.exists() { held } else { tmp.clone() };
+        let path = if state::proc_fd() {
+            state::fd_path(std::os::fd::AsFd::as_fd(&f))
+        } else {
+            tmp.clone()
+        };
         if let Err(err) = h5::validate_staged(&path, &ent.dst, &ent.src, depth) {
             drop(f);
             // Voided first (durably), so a resume copies it again from the source; then the
